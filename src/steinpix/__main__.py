@@ -1,0 +1,3 @@
+from steinpix._cli.main import main
+
+main()

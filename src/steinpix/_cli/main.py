@@ -1,0 +1,27 @@
+"""The ``steinpix`` command group: ``classify ilastik ...`` and ``apps ilastik``."""
+
+from __future__ import annotations
+
+import click
+
+from steinpix import __version__
+from steinpix._cli.prepare import prepare_cmd
+
+
+@click.group(name="steinpix")
+@click.version_option(__version__, prog_name="steinpix")
+def main() -> None:
+    """steinbock's ilastik pixel classification, with a built-in ilastik engine."""
+
+
+@main.group(name="classify")
+def classify_group() -> None:
+    """Classify pixels."""
+
+
+@classify_group.group(name="ilastik")
+def ilastik_group() -> None:
+    """Pixel classification with ilastik."""
+
+
+ilastik_group.add_command(prepare_cmd)

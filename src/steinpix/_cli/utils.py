@@ -1,0 +1,74 @@
+"""Shared pieces of the command line: logging, one-line errors, progress."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+import click
+
+from steinpix.errors import SteinpixError
+
+logger = logging.getLogger("steinpix")
+
+LOG_LEVELS = ["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
+
+T = TypeVar("T")
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    level = getattr(logging, value.upper())
+    root = logging.getLogger("steinpix")
+    if not any(getattr(h, "_steinpix", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler._steinpix = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(level)
+    return value
+
+
+def verbosity_option(func: Callable) -> Callable:
+    """``-v/--verbosity LEVEL`` (default INFO), logging to stderr like steinbock."""
+    return click.option(
+        "-v",
+        "--verbosity",
+        "verbosity",
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+        default="INFO",
+        show_default=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_verbosity,
+        help="Verbosity of the log on stderr.",
+    )(func)
+
+
+def one_line_errors(func: Callable) -> Callable:
+    """Turn :class:`SteinpixError` into ``Error: <message>`` on stderr and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SteinpixError as e:
+            err = click.ClickException(str(e))
+            err.exit_code = e.exit_code
+            raise err from None
+
+    return wrapper
+
+
+def progress(items: Iterable[T], length: int, label: str) -> Iterator[T]:
+    """Per-item progress bar on a terminal (stderr); silent when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        yield from items
+        return
+    with click.progressbar(
+        items, length=length, label=label, file=sys.stderr, show_pos=True, item_show_func=None
+    ) as bar:
+        yield from bar
