@@ -42,7 +42,11 @@ def read_panel(panel_file: str | os.PathLike, unfiltered: bool = False) -> pd.Da
         panel = pd.read_csv(
             panel_file,
             sep=",|;",
-            dtype={"channel": pd.StringDtype(), "name": pd.StringDtype(), "keep": pd.BooleanDtype()},
+            dtype={
+                "channel": pd.StringDtype(),
+                "name": pd.StringDtype(),
+                "keep": pd.BooleanDtype(),
+            },
             engine="python",
             true_values=["1"],
             false_values=["0"],
@@ -73,7 +77,9 @@ def read_panel(panel_file: str | os.PathLike, unfiltered: bool = False) -> pd.Da
     return panel
 
 
-def channel_groups(panel: pd.DataFrame, panel_file: str | os.PathLike = "panel") -> np.ndarray | None:
+def channel_groups(
+    panel: pd.DataFrame, panel_file: str | os.PathLike = "panel"
+) -> np.ndarray | None:
     """The ``ilastik`` column as float group values, or None when it is absent or empty.
 
     steinbock groups channels by this column only when it has at least one value; channels

@@ -51,6 +51,14 @@ def check_channels(
             errors[img_file] = str(e)
             continue
         if n_panel_channels is not None and n_channels != n_panel_channels:
+            # a damaged file can have a readable but wrong header: only a fully readable
+            # image that disagrees with the panel stops the whole run
+            try:
+                n_channels = images.read_image(img_file).shape[0]
+            except SteinpixError as e:
+                errors[img_file] = str(e)
+                continue
+        if n_panel_channels is not None and n_channels != n_panel_channels:
             raise SteinpixError(
                 f"{img_file}: {n_channels} channels, but {panel_file} lists "
                 f"{n_panel_channels} channels to keep"

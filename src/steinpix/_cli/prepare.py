@@ -153,4 +153,6 @@ def prepare_cmd(
         ilastik_project_file,
     )
     if failed:
-        raise SteinpixError(f"{failed} of {len(img_files)} images could not be prepared (see above)")
+        raise SteinpixError(
+            f"{failed} of {len(img_files)} images could not be prepared (see above)"
+        )

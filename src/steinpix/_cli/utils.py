@@ -19,16 +19,33 @@ LOG_LEVELS = ["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
 T = TypeVar("T")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _set_verbosity(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    level = getattr(logging, value.upper())
     root = logging.getLogger("steinpix")
-    if not any(getattr(h, "_steinpix", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handler._steinpix = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False
-    root.setLevel(level)
+    root.setLevel(getattr(logging, value.upper()))
+    # tifffile logs every damaged tag it meets; steinpix reports the file once instead
+    logging.getLogger("tifffile").setLevel(
+        logging.WARNING if value.upper() == "DEBUG" else logging.CRITICAL
+    )
     return value
 
 
