@@ -6,6 +6,7 @@ import click
 
 from steinpix import __version__
 from steinpix._cli.prepare import prepare_cmd
+from steinpix._cli.run import run_cmd
 
 
 @click.group(name="steinpix")
@@ -25,3 +26,4 @@ def ilastik_group() -> None:
 
 
 ilastik_group.add_command(prepare_cmd)
+ilastik_group.add_command(run_cmd)

@@ -1,0 +1,243 @@
+"""``steinpix classify ilastik run``: batch pixel classification, built-in or real ilastik."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import click
+
+from steinpix import images
+from steinpix._cli.utils import one_line_errors, verbosity_option
+from steinpix.errors import SteinpixError
+
+logger = logging.getLogger("steinpix")
+
+ENGINES = ("auto", "builtin", "ilastik", "docker")
+
+
+def pending_images(
+    img_files: list[Path], out_dir: Path, ilp: Path, overwrite: bool
+) -> tuple[list[Path], int]:
+    """The images whose outputs still have to be computed, and how many are finished.
+
+    An output counts as finished when it exists and is newer than both its image and the
+    project, so a rerun after an interruption only computes what is missing.
+    """
+    from steinpix.engine import is_finished, output_path
+
+    if overwrite:
+        return list(img_files), 0
+    pending = [f for f in img_files if not is_finished(f, output_path(f, out_dir), ilp)]
+    return pending, len(img_files) - len(pending)
+
+
+def choose_engine(engine: str, ilp: Path, ilastik: str | None) -> str:
+    """Resolve ``--engine auto``: the built-in engine when it supports the project, else a
+    local ilastik when one is found; log which engine runs and why."""
+    if engine in ("ilastik", "docker"):
+        return engine
+    from steinpix.forest import supports_project
+
+    supported, why = supports_project(ilp)
+    if engine == "builtin":
+        if not supported:
+            raise SteinpixError(f"{ilp}: the built-in engine cannot run this project: {why}")
+        logger.info("Engine: built-in (reproduces ilastik 1.3.3post3 without ilastik)")
+        return "builtin"
+    if supported:
+        logger.info("Engine: built-in (the project stores vigra random forests)")
+        return "builtin"
+    from steinpix.runners import find_ilastik
+
+    try:
+        binary = find_ilastik(ilastik)
+    except SteinpixError:
+        raise SteinpixError(
+            f"{ilp}: the built-in engine cannot run this project ({why}), and no ilastik "
+            "was found (give --ilastik PATH or set STEINPIX_ILASTIK, or use --engine docker)",
+            exit_code=2,
+        ) from None
+    logger.info("Engine: ilastik at %s (built-in engine: %s)", binary, why)
+    return "ilastik"
+
+
+def run_builtin(
+    ilp: Path,
+    img_files: list[Path],
+    out_dir: Path,
+    threads: int | None,
+    mem: int | None,
+    profile: str,
+) -> list[Path]:
+    """Classify with the built-in engine, one image at a time; returns the failed images."""
+    from steinpix import engine
+
+    engine.set_threads(threads)
+    model = engine.load_model(ilp)
+    failed = []
+    for i, img_file in enumerate(img_files, start=1):
+        out_file = engine.output_path(img_file, out_dir)
+        start = time.perf_counter()
+        try:
+            engine.predict_file(img_file, out_file, model, profile=profile, mem=mem)
+        except SteinpixError as e:
+            logger.error("[%d/%d] %s", i, len(img_files), e)
+            failed.append(img_file)
+            continue
+        logger.info(
+            "[%d/%d] %s -> %s (%.1f s)",
+            i,
+            len(img_files),
+            img_file,
+            out_file,
+            time.perf_counter() - start,
+        )
+        click.echo(out_file)
+    return failed
+
+
+@click.command(name="run", help="Run a pixel classification batch using Ilastik")
+@click.option(
+    "--ilastik",
+    "ilastik_binary",
+    type=click.STRING,
+    default=None,
+    show_default="$STEINPIX_ILASTIK, /opt/ilastik/run_ilastik.sh, run_ilastik.sh on PATH",
+    help="Ilastik binary (for --engine ilastik, and auto when needed)",
+)
+@click.option(
+    "--ilp",
+    "ilastik_project_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default="pixel_classifier.ilp",
+    show_default=True,
+    help="Path to the Ilastik project file",
+)
+@click.option(
+    "--img",
+    "ilastik_img_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default="ilastik_img",
+    show_default=True,
+    help="Path to the Ilastik image directory",
+)
+@click.option(
+    "-o",
+    "ilastik_probab_dir",
+    type=click.Path(file_okay=False),
+    default="ilastik_probabilities",
+    show_default=True,
+    help="Path to the Ilastik probabilities output directory",
+)
+@click.option(
+    "--threads",
+    "num_threads",
+    type=click.IntRange(min=0),
+    help="Maximum number of threads to use (default: all cores)",
+)
+@click.option(
+    "--mem",
+    "memory_limit",
+    type=click.IntRange(min=0),
+    help="Memory limit (in megabytes)",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="auto",
+    show_default=True,
+    help="builtin: steinpix's own engine; ilastik: a local ilastik; docker: ilastik in a "
+    "container; auto: builtin when it supports the project, else ilastik",
+)
+@click.option(
+    "--profile",
+    type=click.Choice(["133", "14x"]),
+    default="133",
+    show_default=True,
+    help="Built-in engine arithmetic: ilastik 1.3.3post3 (steinbock's) or 1.4.x",
+)
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per ilastik call (ilastik/docker engines; default: all at once)",
+)
+@click.option(
+    "--docker-image",
+    default=None,
+    help="Image for --engine docker (default: the steinpix image with ilastik)",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    default=False,
+    help="Recompute outputs that are already finished",
+)
+@verbosity_option
+@one_line_errors
+def run_cmd(
+    ilastik_binary: str | None,
+    ilastik_project_file: str,
+    ilastik_img_dir: str,
+    ilastik_probab_dir: str,
+    num_threads: int | None,
+    memory_limit: int | None,
+    engine: str,
+    profile: str,
+    chunk: int | None,
+    docker_image: str | None,
+    overwrite: bool,
+) -> None:
+    ilp = Path(ilastik_project_file)
+    out_dir = Path(ilastik_probab_dir)
+    img_files = images.list_h5_files(ilastik_img_dir)
+    if not img_files:
+        raise SteinpixError(f"{ilastik_img_dir}: no *.h5 images found")
+    threads = num_threads or None  # steinbock accepts 0; it means "no limit"
+    chosen = choose_engine(engine, ilp, ilastik_binary)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pending, finished = pending_images(img_files, out_dir, ilp, overwrite)
+    if finished:
+        logger.info(
+            "%d of %d outputs are finished already (newer than image and project); "
+            "--overwrite recomputes them",
+            finished,
+            len(img_files),
+        )
+    if not pending:
+        return
+    if chosen == "builtin":
+        failed = run_builtin(ilp, pending, out_dir, threads, memory_limit, profile)
+    else:
+        from steinpix import runners
+
+        if chosen == "ilastik":
+            failed = runners.run_ilastik(
+                runners.find_ilastik(ilastik_binary),
+                ilp,
+                pending,
+                out_dir,
+                threads=threads,
+                mem=memory_limit,
+                chunk=chunk,
+            )
+        else:
+            failed = runners.run_docker(
+                ilp,
+                pending,
+                out_dir,
+                image=docker_image or runners.DEFAULT_DOCKER_IMAGE,
+                threads=threads,
+                mem=memory_limit,
+                chunk=chunk,
+            )
+    done = len(pending) - len(failed)
+    logger.info("Classified %d of %d images into %s", done, len(pending), out_dir)
+    if failed:
+        raise SteinpixError(
+            f"{len(failed)} of {len(pending)} images failed: "
+            + ", ".join(str(f) for f in failed[:5])
+            + (" ..." if len(failed) > 5 else "")
+        )
