@@ -195,7 +195,9 @@ def run_cmd(
     img_files = images.list_h5_files(ilastik_img_dir)
     if not img_files:
         raise SteinpixError(f"{ilastik_img_dir}: no *.h5 images found")
-    threads = num_threads or None  # steinbock accepts 0; it means "no limit"
+    # steinbock accepts 0 for both; it means "no limit"
+    threads = num_threads or None
+    mem = memory_limit or None
     chosen = choose_engine(engine, ilp, ilastik_binary)
     out_dir.mkdir(parents=True, exist_ok=True)
     pending, finished = pending_images(img_files, out_dir, ilp, overwrite)
@@ -209,7 +211,7 @@ def run_cmd(
     if not pending:
         return
     if chosen == "builtin":
-        failed = run_builtin(ilp, pending, out_dir, threads, memory_limit, profile)
+        failed = run_builtin(ilp, pending, out_dir, threads, mem, profile)
     else:
         from steinpix import runners
 
@@ -220,7 +222,7 @@ def run_cmd(
                 pending,
                 out_dir,
                 threads=threads,
-                mem=memory_limit,
+                mem=mem,
                 chunk=chunk,
             )
         else:
@@ -230,9 +232,12 @@ def run_cmd(
                 out_dir,
                 image=docker_image or runners.DEFAULT_DOCKER_IMAGE,
                 threads=threads,
-                mem=memory_limit,
+                mem=mem,
                 chunk=chunk,
             )
+        for img_file in pending:
+            if img_file not in failed:
+                click.echo(out_dir / runners.output_name(img_file))
     done = len(pending) - len(failed)
     logger.info("Classified %d of %d images into %s", done, len(pending), out_dir)
     if failed:
