@@ -6,8 +6,9 @@ random forests whose votes are averaged) in ``PixelClassification/ClassifierFore
 as text, never unpickled) and predicts with them exactly as vigra 1.11.1 and lazyflow do, down to
 the last float32 bit (spec ``ilastik-1.3.3-prediction.md`` §1 and §3).
 
-All trees of all forests are flattened into a few numpy arrays so that one numba kernel can walk
-them for blocks of pixels in parallel.
+All trees of all forests are flattened into numpy arrays (:class:`FlatForest`) for one numba
+kernel that classifies blocks of 16 pixels in parallel: small trees with the branch-free
+QuickScorer algorithm in SIMD instructions, large trees by walking them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
+from steinpix import features
 from steinpix.errors import SteinpixError
 
 __all__ = [
@@ -46,9 +53,9 @@ _NODE_TYPE_NAMES = {
     0x40000001: "logistic regression leaf",
 }
 
-# Pixels per work item of the numba kernel: 256 rows of 160 float32 features (160 KiB) stay in
-# the L2 cache while all trees are walked for them.
-BLOCK_PIXELS = 256
+# Trees with at most this many leaves use QuickScorer (two 32-bit words per pixel and tree);
+# larger ones are walked node by node, because QuickScorer evaluates every node of a tree.
+QS_MAX_LEAVES = 64
 
 _ENGINE_HINT = "use --engine ilastik"
 
@@ -92,19 +99,22 @@ class Forest:
         return len(self.trees)
 
 
-@dataclass(frozen=True, eq=False)
-class FlatForest:
-    """All trees of all forests as flat arrays for the numba kernel.
+class FlatForest(NamedTuple):
+    """All trees of all forests as flat arrays; a named tuple so numba functions take it whole.
 
-    Every node has a global index. Leaves point to themselves, so a walk of exactly
-    ``tree_depth[t]`` steps from ``tree_root[t]`` ends at the pixel's leaf without any branch.
+    Two representations of the same trees are kept. Trees with at most
+    :data:`QS_MAX_LEAVES` leaves (all trees ilastik usually writes) are evaluated with the
+    QuickScorer algorithm (Lucchese et al., SIGIR 2015): each split node is an *entry* that,
+    when a pixel goes right, clears the bits of the leaves of its left subtree in the tree's
+    32-bit leaf masks ("slots"); the pixel's leaf is then the lowest remaining bit. That is
+    branch-free and runs 8 pixels per SIMD instruction. Larger trees are walked node by node.
 
     Attributes
     ----------
-    next_node : (2 * n_nodes,) int32 ndarray
+    next_node : (2 * n_nodes,) uint32 ndarray
         ``next_node[2*k + (x < threshold[k])]``: entry 0 is the right child, entry 1 the left one
-        (vigra goes left when ``x < threshold``; NaN goes right).
-    column : (n_nodes,) int32 ndarray
+        (vigra goes left when ``x < threshold``; NaN goes right). Leaves point to themselves.
+    column : (n_nodes,) uint32 ndarray
         Feature column tested by each node (0 for leaves).
     threshold : (n_nodes,) float32 ndarray
         The smallest float32 >= the stored float64 threshold: for float32 ``x``,
@@ -113,17 +123,45 @@ class FlatForest:
         ``float32(w_l)`` of each leaf (zeros for split nodes).
     leaf_f64 : (n_nodes, K) float64 ndarray
         ``w_l`` of each leaf: probability, times the sample count if ``predict_weighted``.
-    tree_root, tree_depth : (n_trees,) int32 ndarray
-        Root node and maximum depth of each tree.
-    forest_start : (n_forests + 1,) int32 ndarray
+    leaf_vote : (n_nodes,) uint64 ndarray
+        ``1 << 8*class`` of each leaf when ``votes`` is True, else zeros.
+    tree_root : (n_trees,) uint32 ndarray
+        Root node of each tree.
+    tree_slot_start : (n_trees + 1,) int64 ndarray
+        Slots of tree ``t``; a tree without slots is walked.
+    tree_leaf_start : (n_trees,) int64 ndarray
+        Offset of tree ``t``'s leaves in ``qs_leaf_node`` and ``qs_leaf_vote``.
+    qs_leaf_node : (n_qs_leaves,) uint32 ndarray
+        Node index of each QuickScorer leaf, each tree's leaves from left to right.
+    qs_leaf_vote : (n_qs_leaves,) uint64 ndarray
+        ``leaf_vote`` of those leaves.
+    qs_leaf_f32, qs_leaf_f64 : (n_qs_leaves, K) ndarray
+        ``leaf_f32`` and ``leaf_f64`` of those leaves.
+    qs_slot_start : (n_slots + 1,) int64 ndarray
+        Entries of slot ``s`` are ``qs_slot_start[s]:qs_slot_start[s+1]``.
+    qs_column : (n_entries,) int64 ndarray
+        Feature column of each entry.
+    qs_threshold : (n_entries,) float32 ndarray
+        Rounded-up threshold of the entry's split node.
+    qs_mask : (n_entries,) uint32 ndarray
+        Bits of the slot to keep when the pixel goes right.
+    forest_start : (n_forests + 1,) int64 ndarray
         Trees of forest ``f`` are ``forest_start[f]:forest_start[f+1]``.
     forest_tree_count : (n_forests,) float32 ndarray
         Tree count of each forest (the weight lazyflow gives to its probabilities).
-    total_tree_count : float
+    vote_table : (n_forests, 256) float32 ndarray
+        For ``votes``: forest ``f``'s contribution when ``n`` of its trees vote for a class,
+        ``f32(n) / f32(T_f)`` (times ``f32(T_f)`` when ``combine``), in float32 as vigra and
+        lazyflow compute it.
+    total_tree_count : float32
         Sum of the tree counts.
     combine : bool
         True for the parallel classifier (lazyflow's weighted sum over forests); False for a
         single-forest classifier, whose forest output is used as it is.
+    votes : bool
+        All leaves are pure and unweighted (weights 0 or 1, one 1 per leaf), there are at most 8
+        classes and 255 trees per forest. Per-forest sums are then exact vote counts, which are
+        accumulated as packed bytes; the result is identical to the general float arithmetic.
     """
 
     next_node: np.ndarray
@@ -131,12 +169,24 @@ class FlatForest:
     threshold: np.ndarray
     leaf_f32: np.ndarray
     leaf_f64: np.ndarray
+    leaf_vote: np.ndarray
     tree_root: np.ndarray
-    tree_depth: np.ndarray
+    tree_slot_start: np.ndarray
+    tree_leaf_start: np.ndarray
+    qs_leaf_node: np.ndarray
+    qs_leaf_vote: np.ndarray
+    qs_leaf_f32: np.ndarray
+    qs_leaf_f64: np.ndarray
+    qs_slot_start: np.ndarray
+    qs_column: np.ndarray
+    qs_threshold: np.ndarray
+    qs_mask: np.ndarray
     forest_start: np.ndarray
     forest_tree_count: np.ndarray
-    total_tree_count: float
+    vote_table: np.ndarray
+    total_tree_count: np.float32
     combine: bool
+    votes: bool
 
 
 @dataclass(frozen=True, eq=False)
@@ -393,22 +443,19 @@ def supports_project(ilp_path: str | os.PathLike) -> tuple[bool, str]:
 
 def _check_feature_selection(classifier: Classifier) -> None:
     """The project's feature selection must be readable and yield the classifier's columns."""
-    from steinpix import features  # imported late: features is a sibling module
-
     where = str(classifier.path)
     with _open_project(classifier.path) as h5:
         if "FeatureSelections" not in h5:
             raise SteinpixError(f"{where}: the project has no feature selection")
         selection = features.FeatureSelection.from_h5(h5["FeatureSelections"], where)
-    if classifier.feature_names is None:
-        return
-    n = classifier.n_features
-    for n_channels in range(1, n + 1):
-        if features.feature_names(selection, n_channels) == list(classifier.feature_names):
+    n, per_channel = classifier.n_features, selection.n_features(1)
+    if n % per_channel == 0:
+        names = features.feature_names(selection, n // per_channel)
+        if classifier.feature_names is None or list(classifier.feature_names) == names:
             return
     raise SteinpixError(
-        f"{where}: the classifier's {n} feature names do not match the project's feature "
-        f"selection for any channel count; {_ENGINE_HINT}"
+        f"{where}: the classifier's {n} feature columns do not match the project's feature "
+        f"selection; {_ENGINE_HINT}"
     )
 
 
@@ -442,64 +489,151 @@ def round_up_to_float32(values: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _FlatBuilder:
-    """Accumulates the nodes of all trees while they are being flattened."""
+class _ParsedTree:
+    """One tree as local node lists; node 0 is the root, children are local indices."""
 
-    n_classes: int
     left: list[int] = field(default_factory=list)
     right: list[int] = field(default_factory=list)
     column: list[int] = field(default_factory=list)
     threshold: list[float] = field(default_factory=list)
-    leaf: list[np.ndarray] = field(default_factory=list)
+    weights: list[np.ndarray | None] = field(default_factory=list)  # leaf w_l, None for splits
 
     def add(self) -> int:
         self.left.append(-1)
         self.right.append(-1)
         self.column.append(0)
         self.threshold.append(0.0)
-        self.leaf.append(np.zeros(self.n_classes))
+        self.weights.append(None)
         return len(self.left) - 1
 
+    def in_order_leaves(self) -> tuple[list[int], dict[int, tuple[int, int]]]:
+        """Leaves left to right, and for each split node the leaf range of its left subtree."""
+        leaves: list[int] = []
+        first: dict[int, int] = {}
+        left_range: dict[int, tuple[int, int]] = {}
+        stack = [(0, False)]
+        while stack:  # iterative in-order traversal; deep trees must not hit the recursion limit
+            node, expanded = stack.pop()
+            if self.weights[node] is not None:
+                leaves.append(node)
+            elif not expanded:
+                first[node] = len(leaves)
+                stack.append((node, True))
+                stack.append((self.left[node], False))
+            else:  # left subtree done
+                left_range[node] = (first[node], len(leaves))
+                stack.append((self.right[node], False))
+        return leaves, left_range
 
-def _add_tree(b: _FlatBuilder, tree: Tree, weighted: bool, n_features: int,
-              where: str) -> tuple[int, int]:
-    """Append one tree's nodes to ``b``; returns (root index, maximum depth)."""
-    top, par, k = tree.topology, tree.parameters, b.n_classes
+
+def _parse_tree(tree: Tree, weighted: bool, n_features: int, n_classes: int,
+                where: str) -> _ParsedTree:
+    """Check a vigra topology/parameters pair and turn it into a :class:`_ParsedTree`."""
+    top, par, k = tree.topology, tree.parameters, n_classes
     if top.size < 4 or top[0] != n_features or top[1] != k:
         raise _corrupt(where, "a tree's topology header does not match the forest")
-    root = b.add()
-    stack = [(2, root, 0)]  # (topology index, global node, depth)
+    parsed = _ParsedTree()
+    stack = [(2, parsed.add())]  # (topology index, local node)
     seen: set[int] = set()
-    max_depth = 0
     while stack:
-        pos, node, depth = stack.pop()
+        pos, node = stack.pop()
         if pos in seen or not 2 <= pos < top.size - 1:
             raise _corrupt(where, f"invalid child link {pos} in a tree")
         seen.add(pos)
         kind, p = int(top[pos]), int(top[pos + 1])
-        max_depth = max(max_depth, depth)
         if kind == CONST_PROB_LEAF:
             if not 0 <= p <= par.size - 1 - k:
                 raise _corrupt(where, "a leaf points outside the tree parameters")
             probs = par[p + 1:p + 1 + k]
             # vigra: w = prob * (weighted * leaf_weight + (1 - weighted)), in double
-            b.leaf[node] = probs * par[p] if weighted else probs * 1.0
-            b.left[node] = b.right[node] = node  # leaves loop onto themselves
+            parsed.weights[node] = probs * par[p] if weighted else probs * 1.0
         elif kind == THRESHOLD_NODE:
             if pos + 5 > top.size or not 0 <= p <= par.size - 2:
                 raise _corrupt(where, "a split node is truncated")
             column = int(top[pos + 4])
             if not 0 <= column < n_features:
                 raise _corrupt(where, f"a split node tests feature {column} of {n_features}")
-            b.column[node] = column
-            b.threshold[node] = float(par[p + 1])
-            b.left[node], b.right[node] = b.add(), b.add()
-            stack.append((int(top[pos + 3]), b.right[node], depth + 1))
-            stack.append((int(top[pos + 2]), b.left[node], depth + 1))
+            parsed.column[node] = column
+            parsed.threshold[node] = float(par[p + 1])
+            parsed.left[node], parsed.right[node] = parsed.add(), parsed.add()
+            stack.append((int(top[pos + 3]), parsed.right[node]))
+            stack.append((int(top[pos + 2]), parsed.left[node]))
         else:
             name = _NODE_TYPE_NAMES.get(kind, f"unknown type {kind:#x}")
             raise _corrupt(where, f"a tree contains a {name} node, which ilastik never writes")
-    return root, max_depth
+    return parsed
+
+
+@dataclass
+class _Tables:
+    """Growing lists behind a :class:`FlatForest`."""
+
+    next_node: list[int] = field(default_factory=list)
+    column: list[int] = field(default_factory=list)
+    threshold: list[float] = field(default_factory=list)
+    weights: list[np.ndarray] = field(default_factory=list)
+    is_leaf: list[bool] = field(default_factory=list)
+    tree_root: list[int] = field(default_factory=list)
+    slot_start: list[int] = field(default_factory=lambda: [0])
+    leaf_start: list[int] = field(default_factory=list)
+    qs_leaf_node: list[int] = field(default_factory=list)
+    # (slot, column, threshold, mask to keep)
+    qs_entries: list[tuple[int, int, float, int]] = field(default_factory=list)
+
+    def add_nodes(self, tree: _ParsedTree, n_classes: int) -> int:
+        """Append a tree's nodes for walking; returns the global index of its root."""
+        base = len(self.column)
+        for j in range(len(tree.left)):
+            if tree.weights[j] is not None:
+                # Leaves loop onto themselves, so a walk may stop there or step on.
+                self.next_node += [base + j, base + j]
+                self.weights.append(tree.weights[j])
+                self.is_leaf.append(True)
+            else:
+                self.next_node += [base + tree.right[j], base + tree.left[j]]
+                self.weights.append(np.zeros(n_classes))
+                self.is_leaf.append(False)
+            self.column.append(tree.column[j])
+            self.threshold.append(tree.threshold[j])
+        self.tree_root.append(base)
+        return base
+
+    def add_quickscorer(self, tree: _ParsedTree, base: int) -> None:
+        """Append a tree's QuickScorer entries, or give it no slots if it is too large."""
+        leaves, left_range = tree.in_order_leaves()
+        self.leaf_start.append(len(self.qs_leaf_node))
+        slot0 = self.slot_start[-1]
+        if len(leaves) > QS_MAX_LEAVES:
+            self.slot_start.append(slot0)
+            return
+        self.qs_leaf_node += [base + j for j in leaves]
+        for node, (lo, hi) in left_range.items():
+            # Going right at ``node`` rules out leaves lo..hi-1 (its left subtree).
+            for word in range(lo // 32, (hi - 1) // 32 + 1):
+                a = max(lo, 32 * word) - 32 * word
+                b = min(hi, 32 * word + 32) - 32 * word
+                cleared = ((1 << b) - 1) ^ ((1 << a) - 1)
+                self.qs_entries.append(
+                    (slot0 + word, tree.column[node], tree.threshold[node], ~cleared & 0xFFFFFFFF)
+                )
+        self.slot_start.append(slot0 + (len(leaves) + 31) // 32)
+
+
+def _votes_possible(leaf_weights: np.ndarray, forests, n_classes: int) -> bool:
+    """Whether every leaf votes 1.0 for exactly one class (so float sums are exact counts)."""
+    w = leaf_weights
+    pure = bool(np.all((w == 0) | (w == 1)) and np.all(np.sum(w == 1, axis=1) == 1))
+    return pure and n_classes <= 8 and max(f.tree_count for f in forests) <= 255
+
+
+def _vote_table(counts: list[int], combine: bool) -> np.ndarray:
+    """Per forest and vote count ``n``: ``f32(n) / f32(T)`` (then ``* f32(T)`` if combine)."""
+    table = np.zeros((len(counts), 256), dtype=np.float32)
+    n = np.arange(256, dtype=np.float32)
+    for f, count in enumerate(counts):
+        t = np.float32(count)
+        table[f] = n / t * t if combine else n / t  # numpy float32 ops round like vigra's
+    return table
 
 
 def flatten_forests(forests: tuple[Forest, ...] | list[Forest], n_features: int, n_classes: int,
@@ -521,137 +655,366 @@ def flatten_forests(forests: tuple[Forest, ...] | list[Forest], n_features: int,
     -------
     FlatForest
     """
-    b = _FlatBuilder(n_classes)
-    roots, depths, starts = [], [], [0]
+    tables = _Tables()
+    starts = [0]
     for forest in forests:
         for tree in forest.trees:
-            root, depth = _add_tree(b, tree, forest.predict_weighted, n_features, where)
-            roots.append(root)
-            depths.append(depth)
-        starts.append(len(roots))
-    next_node = np.empty(2 * len(b.left), dtype=np.int32)
-    next_node[0::2] = b.right  # x < t is False (or NaN): right child
-    next_node[1::2] = b.left
-    leaf_f64 = np.array(b.leaf, dtype=np.float64).reshape(-1, n_classes)
+            parsed = _parse_tree(tree, forest.predict_weighted, n_features, n_classes, where)
+            base = tables.add_nodes(parsed, n_classes)
+            tables.add_quickscorer(parsed, base)
+        starts.append(len(tables.tree_root))
+    weights = np.array(tables.weights, dtype=np.float64).reshape(-1, n_classes)
     counts = [f.tree_count for f in forests]
+    is_leaf = np.array(tables.is_leaf, dtype=bool)
+    votes = _votes_possible(weights[is_leaf], forests, n_classes)
+    leaf_vote = np.zeros(len(weights), dtype=np.uint64)
+    if votes:
+        classes = np.argmax(weights[is_leaf], axis=1).astype(np.uint64)
+        leaf_vote[is_leaf] = np.left_shift(np.uint64(1), np.uint64(8) * classes)
+    # Entries grouped by slot, so that a slot's mask stays in a register; then by column.
+    entries = sorted(tables.qs_entries, key=lambda e: (e[0], e[1]))
+    slots = np.array([e[0] for e in entries], dtype=np.int64)
+    n_slots = tables.slot_start[-1]
+    qs_leaf_node = np.array(tables.qs_leaf_node, dtype=np.uint32)
     return FlatForest(
-        next_node=next_node,
-        column=np.array(b.column, dtype=np.int32),
-        threshold=round_up_to_float32(np.array(b.threshold, dtype=np.float64)),
-        leaf_f32=leaf_f64.astype(np.float32),
-        leaf_f64=leaf_f64,
-        tree_root=np.array(roots, dtype=np.int32),
-        tree_depth=np.array(depths, dtype=np.int32),
-        forest_start=np.array(starts, dtype=np.int32),
+        next_node=np.array(tables.next_node, dtype=np.uint32),
+        column=np.array(tables.column, dtype=np.uint32),
+        threshold=round_up_to_float32(np.array(tables.threshold, dtype=np.float64)),
+        leaf_f32=weights.astype(np.float32),
+        leaf_f64=weights,
+        leaf_vote=leaf_vote,
+        tree_root=np.array(tables.tree_root, dtype=np.uint32),
+        tree_slot_start=np.array(tables.slot_start, dtype=np.int64),
+        tree_leaf_start=np.array(tables.leaf_start, dtype=np.int64),
+        qs_leaf_node=qs_leaf_node,
+        qs_leaf_vote=leaf_vote[qs_leaf_node],
+        qs_leaf_f32=weights[qs_leaf_node].astype(np.float32).reshape(-1, n_classes),
+        qs_leaf_f64=weights[qs_leaf_node].reshape(-1, n_classes),
+        qs_slot_start=np.searchsorted(slots, np.arange(n_slots + 1)).astype(np.int64),
+        qs_column=np.array([e[1] for e in entries], dtype=np.int64),
+        qs_threshold=round_up_to_float32(np.array([e[2] for e in entries], dtype=np.float64)),
+        qs_mask=np.array([e[3] for e in entries], dtype=np.uint32),
+        forest_start=np.array(starts, dtype=np.int64),
         forest_tree_count=np.array(counts, dtype=np.float32),
-        total_tree_count=float(sum(counts)),
+        vote_table=_vote_table(counts, combine) if votes else np.zeros((0, 256), np.float32),
+        total_tree_count=np.float32(sum(counts)),
         combine=bool(combine),
+        votes=votes,
     )
 
 
 # --------------------------------------------------------------------------------------------
-# Prediction
+# Prediction (numba). Pixels are processed in blocks of LANES; a block's features are first
+# transposed to column-major (``xt[column * LANES + lane]``) so that one column of 8 pixels is
+# one SIMD load. Index arithmetic is unsigned where it is hot: numba adds negative-index
+# wrap-around code to signed indices.
 # --------------------------------------------------------------------------------------------
 
+# Pixels per block: 16 keeps a block's transposed features (160 columns: 10 KiB) and leaf masks
+# (100 trees: 6 KiB) in the L1 cache; two 8-wide SIMD groups per QuickScorer entry.
+LANES = 16
+_SIMD = 8
+_U = np.uint64
 
-@numba.njit(cache=True, nogil=True)
-def _walk_tree(x, lo, m, root, depth, next_node, column, threshold, node):
-    """Leaf of each pixel ``lo..lo+m`` in one tree, into ``node[:m]``.
 
-    All pixels take exactly ``depth`` steps (leaves loop onto themselves), so the inner loop has
-    no data-dependent branch and the walks of different pixels overlap in the CPU.
+def _arrays_are(args, dtypes) -> bool:
+    """Typing guard of the intrinsics below: 1-D C-contiguous arrays of the given dtypes."""
+    return all(
+        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == d
+        for a, d in zip(args, dtypes, strict=True)
+    )
+
+
+@intrinsic
+def _cttz32(typingctx, value):
+    """Count trailing zero bits of a uint32 (32 for 0)."""
+    sig = types.uint32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def _quickscorer(typingctx, xt, bits, slot_start, column, threshold, mask):
+    """QuickScorer over a block: ``bits[slot * LANES + lane]`` for every slot and pixel.
+
+    For each slot, start from all ones and, for each entry of the slot, keep only ``mask``
+    in the lanes whose feature is not below the threshold (the pixel goes right; NaN too).
+    Written as LLVM vector IR because numba's loops over 16 lanes are not vectorised.
     """
-    for i in range(m):
-        node[i] = root
-    for _ in range(depth):
-        for i in range(m):
-            k = node[i]
-            go_left = x[lo + i, column[k]] < threshold[k]
-            node[i] = next_node[2 * k + np.int32(go_left)]
+    args = (xt, bits, slot_start, column, threshold, mask)
+    dtypes = (types.float32, types.uint32, types.int64, types.int64, types.float32, types.uint32)
+    if not _arrays_are(args, dtypes):
+        return None
+    sig = types.void(*args)
+
+    def codegen(context, builder, signature, args):
+        xt_p, bits_p, start_p, col_p, thr_p, mask_p = (
+            context.make_array(ty)(context, builder, val).data
+            for ty, val in zip(signature.args, args, strict=True)
+        )
+        n_slots_plus_1 = context.make_array(signature.args[2])(context, builder, args[2]).shape
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        fvec, ivec = ir.VectorType(ir.FloatType(), _SIMD), ir.VectorType(i32, _SIMD)
+        ones = ir.Constant(ivec, [0xFFFFFFFF] * _SIMD)
+        lane0 = ir.Constant(ivec, [0] * _SIMD)
+
+        def splat(value, vec_type):
+            undef = ir.Constant(vec_type, ir.Undefined)
+            return builder.shuffle_vector(builder.insert_element(undef, value, i32(0)), undef,
+                                          lane0)
+
+        groups = LANES // _SIMD
+        keep = [cgutils.alloca_once(builder, ivec) for _ in range(groups)]
+        n_slots = builder.sub(cgutils.unpack_tuple(builder, n_slots_plus_1, 1)[0], i64(1))
+        with cgutils.for_range(builder, n_slots) as slot_loop:
+            slot = slot_loop.index
+            for acc in keep:
+                builder.store(ones, acc)
+            e0 = builder.load(builder.gep(start_p, [slot]))
+            e1 = builder.load(builder.gep(start_p, [builder.add(slot, i64(1))]))
+            with cgutils.for_range(builder, e1, start=e0) as entry_loop:
+                e = entry_loop.index
+                base = builder.mul(builder.load(builder.gep(col_p, [e])), i64(LANES))
+                thr = splat(builder.load(builder.gep(thr_p, [e])), fvec)
+                mask = splat(builder.load(builder.gep(mask_p, [e])), ivec)
+                for g, acc in enumerate(keep):
+                    ptr = builder.gep(xt_p, [builder.add(base, i64(g * _SIMD))])
+                    x = builder.load(builder.bitcast(ptr, fvec.as_pointer()), align=4)
+                    left = builder.fcmp_ordered("<", x, thr)
+                    builder.store(builder.and_(builder.load(acc), builder.select(left, ones, mask)),
+                                  acc)
+            out = builder.mul(slot, i64(LANES))
+            for g, acc in enumerate(keep):
+                ptr = builder.gep(bits_p, [builder.add(out, i64(g * _SIMD))])
+                builder.store(builder.load(acc), builder.bitcast(ptr, ivec.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _single_slot_leaves(typingctx, bits, leaf, slot_start, leaf_start):
+    """``leaf[t * LANES + lane] = leaf_start[t] + cttz(bits[slot * LANES + lane])`` for every
+    tree ``t`` with exactly one slot (the others are left alone), 8 lanes per instruction."""
+    args = (bits, leaf, slot_start, leaf_start)
+    if not _arrays_are(args, (types.uint32, types.uint32, types.int64, types.int64)):
+        return None
+    sig = types.void(*args)
+
+    def codegen(context, builder, signature, args):
+        bits_p, leaf_p, start_p, first_p = (
+            context.make_array(ty)(context, builder, val).data
+            for ty, val in zip(signature.args, args, strict=True)
+        )
+        shape = context.make_array(signature.args[3])(context, builder, args[3]).shape
+        n_trees = cgutils.unpack_tuple(builder, shape, 1)[0]
+        i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+        ivec = ir.VectorType(i32, _SIMD)
+        cttz = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ivec, [ivec, i1]), f"llvm.cttz.v{_SIMD}i32"
+        )
+        lane0 = ir.Constant(ivec, [0] * _SIMD)
+        with cgutils.for_range(builder, n_trees) as tree_loop:
+            t = tree_loop.index
+            s0 = builder.load(builder.gep(start_p, [t]))
+            s1 = builder.load(builder.gep(start_p, [builder.add(t, i64(1))]))
+            with builder.if_then(builder.icmp_signed("==", s1, builder.add(s0, i64(1)))):
+                first = builder.trunc(builder.load(builder.gep(first_p, [t])), i32)
+                undef = ir.Constant(ivec, ir.Undefined)
+                first = builder.shuffle_vector(builder.insert_element(undef, first, i32(0)),
+                                               undef, lane0)
+                src, dst = builder.mul(s0, i64(LANES)), builder.mul(t, i64(LANES))
+                for g in range(LANES // _SIMD):
+                    ptr = builder.gep(bits_p, [builder.add(src, i64(g * _SIMD))])
+                    v = builder.load(builder.bitcast(ptr, ivec.as_pointer()), align=4)
+                    index = builder.add(first, builder.call(cttz, [v, ir.Constant(i1, 0)]))
+                    ptr = builder.gep(leaf_p, [builder.add(dst, i64(g * _SIMD))])
+                    builder.store(index, builder.bitcast(ptr, ivec.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @numba.njit(cache=True, nogil=True)
-def _has_nan(x, row):
-    for j in range(x.shape[1]):
-        if np.isnan(x[row, j]):
-            return True
-    return False
+def _load_block(x, lo, m, xt, nan):
+    """Transpose pixels ``lo..lo+m`` into ``xt[column * LANES + lane]``; flag rows with NaN."""
+    n_features = x.shape[1]
+    for lane in range(LANES):
+        if lane < m:
+            row = lo + lane
+            bad = False
+            for j in range(n_features):
+                value = x[row, j]
+                bad |= np.isnan(value)
+                xt[_U(j) * _U(LANES) + _U(lane)] = value
+            nan[lane] = bad
+        else:  # padding lanes: any finite value, their results are dropped
+            for j in range(n_features):
+                xt[_U(j) * _U(LANES) + _U(lane)] = np.float32(0.0)
+            nan[lane] = True
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _qs_leaf(bits, s0, s1, lane):
+    """Index (within its tree) of the leftmost leaf left in slots s0..s1-1 for one lane."""
+    s = s0
+    while s + 1 < s1 and bits[_U(s) * _U(LANES) + _U(lane)] == 0:
+        s += 1
+    return (s - s0) * 32 + np.int64(_cttz32(bits[_U(s) * _U(LANES) + _U(lane)]))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _walk(next_node, column, threshold, root, xt, lane):
+    """Leaf node reached from ``root`` by one lane, walking the tree node by node."""
+    k = _U(root)
+    while _U(next_node[_U(2) * k]) != k:
+        go_left = xt[_U(column[k]) * _U(LANES) + _U(lane)] < threshold[k]
+        k = _U(next_node[_U(2) * k + _U(go_left)])
+    return k
 
 
 @numba.njit(cache=True, nogil=True)
-def _predict_block(x, lo, m, flat_args, out_channel, out, node, acc, total, res):
-    (next_node, column, threshold, leaf_f32, leaf_f64, tree_root, tree_depth, forest_start,
-     forest_tree_count, total_tree_count, combine) = flat_args
-    n_classes = leaf_f32.shape[1]
-    for i in range(m):
-        for c in range(n_classes):
-            res[i, c] = np.float32(0.0)
+def _tree_leaves(ff, xt, bits, leaf):
+    """Leaf of each lane in each tree, into ``leaf[tree * LANES + lane]``.
+
+    Walked trees (no slots) give a node index (into ``leaf_*``); QuickScorer trees give a
+    position in the ``qs_leaf_*`` tables.
+    """
+    # Unpacked once: numba reference-counts every array taken out of the named tuple.
+    slot_start, leaf_start, tree_root = ff.tree_slot_start, ff.tree_leaf_start, ff.tree_root
+    next_node, column, threshold = ff.next_node, ff.column, ff.threshold
+    _single_slot_leaves(bits, leaf, slot_start, leaf_start)
+    for t in range(tree_root.size):
+        s0, s1 = slot_start[t], slot_start[t + 1]
+        first = np.uint32(leaf_start[t])
+        out = _U(t) * _U(LANES)
+        if s1 == s0 + 1:
+            continue  # done by _single_slot_leaves
+        if s1 > s0:
+            for lane in range(LANES):
+                leaf[out + _U(lane)] = first + np.uint32(_qs_leaf(bits, s0, s1, lane))
+        else:
+            for lane in range(LANES):
+                k = _walk(next_node, column, threshold, tree_root[t], xt, lane)
+                leaf[out + _U(lane)] = np.uint32(k)
+
+
+@numba.njit(cache=True, nogil=True)
+def _vote_block(ff, leaf, packed, res):
+    """Pure leaves: count each forest's votes per class (packed bytes) and look up the result."""
+    n_classes = ff.leaf_f32.shape[1]
+    slot_start, forest_start = ff.tree_slot_start, ff.forest_start
+    leaf_vote, qs_leaf_vote, vote_table = ff.leaf_vote, ff.qs_leaf_vote, ff.vote_table
     for f in range(forest_start.size - 1):
-        # vigra predictProbabilities of one forest: float32 sum, double total weight
-        for i in range(m):
-            total[i] = 0.0
-            for c in range(n_classes):
-                acc[i, c] = np.float32(0.0)
+        packed[:] = 0
         for t in range(forest_start[f], forest_start[f + 1]):
-            _walk_tree(x, lo, m, tree_root[t], tree_depth[t], next_node, column, threshold, node)
-            for i in range(m):
-                k = node[i]
-                for c in range(n_classes):
-                    acc[i, c] += leaf_f32[k, c]
-                    total[i] += leaf_f64[k, c]
-        count = forest_tree_count[f]
-        for i in range(m):
-            norm = np.float32(total[i])
-            for c in range(n_classes):
-                p = acc[i, c] / norm
-                if combine:  # lazyflow: forest_predictions *= treeCount; total += ...
-                    res[i, c] += p * count
+            votes = qs_leaf_vote if slot_start[t + 1] > slot_start[t] else leaf_vote
+            row = _U(t) * _U(LANES)
+            for lane in range(LANES):
+                packed[lane] += votes[leaf[row + _U(lane)]]
+        table = vote_table[f]
+        for c in range(n_classes):
+            for lane in range(LANES):
+                n = (packed[lane] >> _U(8 * c)) & _U(255)
+                if f == 0:
+                    res[c * LANES + lane] = table[n]
                 else:
-                    res[i, c] = p
-    scale = np.float32(total_tree_count)
-    for i in range(m):
-        row = lo + i
+                    res[c * LANES + lane] += table[n]
+
+
+@numba.njit(cache=True, nogil=True)
+def _general_block(ff, leaf, acc, total, res):
+    """Any leaves: vigra's float32 sums with a double total per forest, then lazyflow's sum."""
+    n_classes = ff.leaf_f32.shape[1]
+    slot_start, forest_start, tree_count = ff.tree_slot_start, ff.forest_start, ff.forest_tree_count
+    combine = ff.combine
+    for f in range(forest_start.size - 1):
+        acc[:] = 0.0  # acc[lane * n_classes + c]
+        total[:] = 0.0
+        for t in range(forest_start[f], forest_start[f + 1]):
+            quick = slot_start[t + 1] > slot_start[t]
+            w32 = ff.qs_leaf_f32 if quick else ff.leaf_f32
+            w64 = ff.qs_leaf_f64 if quick else ff.leaf_f64
+            row = _U(t) * _U(LANES)
+            for lane in range(LANES):
+                k = _U(leaf[row + _U(lane)])
+                first = _U(lane) * _U(n_classes)
+                weight = total[lane]
+                for c in range(n_classes):  # vigra's order: classes inside the tree loop
+                    acc[first + _U(c)] += w32[k, _U(c)]
+                    weight += w64[k, _U(c)]
+                total[lane] = weight
+        count = tree_count[f]
+        for lane in range(LANES):
+            norm = np.float32(total[lane])
+            for c in range(n_classes):
+                p = acc[lane * n_classes + c] / norm  # float32, as vigra's prob /= (float)total
+                i = c * LANES + lane
+                if not combine:
+                    res[i] = p
+                elif f == 0:
+                    res[i] = p * count  # lazyflow: forest_predictions *= treeCount
+                else:
+                    res[i] += p * count
+
+
+@numba.njit(cache=True, nogil=True)
+def _store_block(res, nan, out_channel, total_tree_count, combine, lo, m, out):
+    n_classes = out_channel.size
+    for lane in range(m):
+        row = lo + lane
         for c in range(out.shape[1]):
             out[row, c] = np.float32(0.0)
-        if _has_nan(x, row):  # vigra: a row with any NaN feature gets all-zero probabilities
+        if nan[lane]:  # vigra: a row with any NaN feature gets all-zero probabilities
             continue
         for c in range(n_classes):
-            value = res[i, c] / scale if combine else res[i, c]
-            out[row, out_channel[c]] = value
+            value = res[c * LANES + lane]
+            # lazyflow: total_predictions /= num_trees (float32)
+            out[row, out_channel[c]] = value / total_tree_count if combine else value
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def _predict_kernel(x, flat_args, out_channel, out, block):
-    n = x.shape[0]
-    n_classes = flat_args[3].shape[1]
-    n_blocks = (n + block - 1) // block
-    for b in numba.prange(n_blocks):
-        lo = b * block
-        m = min(block, n - lo)
-        node = np.empty(block, dtype=np.int32)
-        acc = np.empty((block, n_classes), dtype=np.float32)
-        total = np.empty(block, dtype=np.float64)
-        res = np.empty((block, n_classes), dtype=np.float32)
-        _predict_block(x, lo, m, flat_args, out_channel, out, node, acc, total, res)
+def _predict_kernel(x, ff, out_channel, out, n_threads):
+    n, n_features = x.shape
+    n_classes = ff.leaf_f32.shape[1]
+    n_slots = max(ff.tree_slot_start[-1], 1)
+    n_blocks = (n + LANES - 1) // LANES
+    # Contiguous runs of blocks per work item, so scratch space is allocated once per run.
+    n_runs = min(n_blocks, 8 * n_threads)
+    for r in numba.prange(n_runs):
+        xt = np.empty(n_features * LANES, dtype=np.float32)
+        nan = np.empty(LANES, dtype=np.bool_)
+        bits = np.empty(n_slots * LANES, dtype=np.uint32)
+        leaf = np.empty(ff.tree_root.size * LANES, dtype=np.uint32)
+        acc = np.empty(n_classes * LANES, dtype=np.float32)
+        total = np.empty(LANES, dtype=np.float64)
+        res = np.empty(n_classes * LANES, dtype=np.float32)
+        packed = np.empty(LANES, dtype=np.uint64)
+        for b in range(r * n_blocks // n_runs, (r + 1) * n_blocks // n_runs):
+            lo = b * LANES
+            m = min(LANES, n - lo)
+            _load_block(x, lo, m, xt, nan)
+            _quickscorer(xt, bits, ff.qs_slot_start, ff.qs_column, ff.qs_threshold, ff.qs_mask)
+            _tree_leaves(ff, xt, bits, leaf)
+            if ff.votes:
+                _vote_block(ff, leaf, packed, res)
+            else:
+                _general_block(ff, leaf, acc, total, res)
+            _store_block(res, nan, out_channel, ff.total_tree_count, ff.combine, lo, m, out)
 
 
-def _flat_args(flat: FlatForest) -> tuple:
-    return (
-        flat.next_node, flat.column, flat.threshold, flat.leaf_f32, flat.leaf_f64,
-        flat.tree_root, flat.tree_depth, flat.forest_start, flat.forest_tree_count,
-        np.float32(flat.total_tree_count), bool(flat.combine),
-    )
-
-
-def predict_proba(classifier: Classifier, features: np.ndarray, out: np.ndarray | None = None,
-                  block: int = BLOCK_PIXELS) -> np.ndarray:
+def predict_proba(classifier: Classifier, features: np.ndarray,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Class probabilities of each pixel, bit-identical to ilastik 1.3.3 (vigra 1.11.1).
 
     Per forest, leaf weights are summed over the trees in float32 with a float64 total and
     divided; the forests are then combined as lazyflow does (weighted by tree count, summed in
     ``ForestNNNN`` order in float32, divided by the total tree count). Rows containing a NaN
     get zeros. Classifier column ``i`` goes to output channel ``known_labels[i] - 1``; channels
-    of labels without a trained column are 0.
+    of labels without a trained column are 0. Runs on ``numba.get_num_threads()`` threads.
 
     Parameters
     ----------
@@ -661,8 +1024,6 @@ def predict_proba(classifier: Classifier, features: np.ndarray, out: np.ndarray 
         One row per pixel, columns in the order of ``classifier.feature_names``.
     out : (N, n_outputs) float32 ndarray, optional
         C-contiguous array to write into.
-    block : int
-        Pixels per parallel work item.
 
     Returns
     -------
@@ -680,6 +1041,6 @@ def predict_proba(classifier: Classifier, features: np.ndarray, out: np.ndarray 
     elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
     if features.shape[0]:
-        _predict_kernel(features, _flat_args(classifier.flat), classifier.output_channels, out,
-                        int(block))
+        _predict_kernel(features, classifier.flat, classifier.output_channels, out,
+                        numba.get_num_threads())
     return out

@@ -75,13 +75,17 @@ def run_builtin(
     from steinpix import engine
 
     engine.set_threads(threads)
-    model = engine.load_model(ilp)
+    classifier, selection = engine.load_project(ilp)
+    # --mem caps the whole process: leave room for the Python/numba runtime (~250 MiB)
+    strip_bytes = None if mem is None else max(64, mem - 256) * 1024**2
     failed = []
     for i, img_file in enumerate(img_files, start=1):
         out_file = engine.output_path(img_file, out_dir)
         start = time.perf_counter()
         try:
-            engine.predict_file(img_file, out_file, model, profile=profile, mem=mem)
+            engine.predict_file(
+                img_file, out_file, classifier, selection, profile=profile, strip_bytes=strip_bytes
+            )
         except SteinpixError as e:
             logger.error("[%d/%d] %s", i, len(img_files), e)
             failed.append(img_file)

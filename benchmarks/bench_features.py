@@ -1,0 +1,108 @@
+"""Time steinpix.features.compute_features on a large image.
+
+Example::
+
+    python benchmarks/bench_features.py --size 2000 --threads 1 2
+
+The image is the IMC mock data tiled to the requested size when the shared data is present,
+random data otherwise. The selection is the pretrained project's (all six features at scales
+1.0, 1.6, 3.5, 5.0, 10.0) unless ``--ilp`` names another project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import time
+from pathlib import Path
+
+import h5py
+import numba
+import numpy as np
+
+from steinpix.features import FeatureSelection, compute_features
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imc-mock"
+DEFAULT_ILP = SHARED / "reference" / "steinbock-0.16.5" / "fix" / "pixel_classifier.ilp"
+
+
+def default_selection() -> FeatureSelection:
+    ids = (
+        "GaussianSmoothing",
+        "LaplacianOfGaussian",
+        "GaussianGradientMagnitude",
+        "DifferenceOfGaussians",
+        "StructureTensorEigenvalues",
+        "HessianOfGaussianEigenvalues",
+    )
+    scales = (0.3, 0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
+    matrix = np.zeros((6, 7), dtype=bool)
+    matrix[:, 2:] = True
+    return FeatureSelection(ids, scales, matrix, (True,) * 7)
+
+
+def make_image(size: int, channels: int) -> np.ndarray:
+    files = sorted(glob.glob(str(SHARED / "reference" / "ilastik_img" / "*.h5")))
+    if not files:
+        rng = np.random.default_rng(0)
+        return rng.gamma(1.0, 10.0, (channels, size, size)).astype(np.float32)
+    with h5py.File(files[3]) as f:
+        tile = f["img"][()][:channels]
+    reps = (1, -(-size // tile.shape[1]), -(-size // tile.shape[2]))
+    return np.ascontiguousarray(np.tile(tile, reps)[:, :size, :size])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2000, help="image height and width")
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--strip", type=int, default=0, help="rows per strip (0: whole image)")
+    parser.add_argument("--profile", default="133")
+    parser.add_argument("--ilp", type=Path, default=None)
+    args = parser.parse_args()
+
+    if args.ilp is not None or DEFAULT_ILP.exists():
+        with h5py.File(args.ilp or DEFAULT_ILP, "r") as f:
+            selection = FeatureSelection.from_h5(f["FeatureSelections"], str(args.ilp))
+    else:
+        selection = default_selection()
+    img = make_image(args.size, args.channels)
+    n_feat = selection.n_features(img.shape[0])
+    print(f"image {img.shape}, {n_feat} features, halo {selection.halo()}")
+
+    t0 = time.perf_counter()
+    compute_features(img[:, :64, :64], selection, args.profile)
+    print(f"first call (compile or cache load): {time.perf_counter() - t0:.2f} s")
+
+    for threads in args.threads:
+        numba.set_num_threads(threads)
+        best = float("inf")
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            if args.strip:
+                run_strips(img, selection, args.profile, args.strip)
+            else:
+                compute_features(img, selection, args.profile)
+            best = min(best, time.perf_counter() - t0)
+        print(f"{threads} thread(s): {best:.2f} s per image")
+
+
+def run_strips(img: np.ndarray, selection: FeatureSelection, profile: str, rows: int) -> None:
+    """Like the engine: strips of full width with a halo, one reused output buffer."""
+    height = img.shape[1]
+    halo = selection.halo()
+    n_feat = selection.n_features(img.shape[0])
+    buf = None
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
+        a, b = max(0, y0 - halo), min(height, y1 + halo)
+        shape = (b - a, img.shape[2], n_feat)
+        if buf is None or buf.shape != shape:
+            buf = np.empty(shape, dtype=np.float32)
+        compute_features(img[:, a:b], selection, profile, out=buf)
+
+
+if __name__ == "__main__":
+    main()

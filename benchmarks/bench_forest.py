@@ -1,0 +1,93 @@
+"""Time steinpix.forest.predict_proba (pixels per second) and numba's compile/first call.
+
+Example::
+
+    python benchmarks/make_mosaics.py
+    python benchmarks/bench_forest.py --rows 250 --threads 1 2
+
+The features are those of the first ``--rows`` rows of ``benchmarks/work/img/mosaic_1.h5``
+(real IMC statistics, so the trees take realistic paths), computed once. ``--compile`` also
+measures, in fresh processes, the first ``predict_proba`` call with an empty numba cache
+(compilation) and with the cache the first run left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "benchmarks" / "work"
+DEFAULT_ILP = REPO / "tests" / "data" / "pixel_classifier.ilp"
+
+FIRST_CALL = """
+import time, numpy as np
+t = time.perf_counter()
+from steinpix.forest import load_classifier, predict_proba
+c = load_classifier({ilp!r})
+t1 = time.perf_counter()
+predict_proba(c, np.zeros((16, c.n_features), np.float32))
+print(f"import+load {{t1 - t:.2f}} s, first predict_proba {{time.perf_counter() - t1:.2f}} s")
+"""
+
+
+def first_call(ilp: Path, cache_dir: str | None) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    result = subprocess.run([sys.executable, "-c", FIRST_CALL.format(ilp=str(ilp))], env=env,
+                            capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=Path, default=WORK / "img" / "mosaic_1.h5")
+    parser.add_argument("--ilp", type=Path, default=DEFAULT_ILP)
+    parser.add_argument("--rows", type=int, default=250, help="image rows to classify")
+    parser.add_argument("--threads", type=int, nargs="+",
+                        default=sorted({1, numba.config.NUMBA_NUM_THREADS}))
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="measure compile/first call")
+    args = parser.parse_args()
+
+    from steinpix import engine
+    from steinpix.features import compute_features
+    from steinpix.forest import predict_proba
+
+    if args.compile:
+        with tempfile.TemporaryDirectory() as cache:
+            print("empty numba cache: ", first_call(args.ilp, cache))
+            print("warm numba cache:  ", first_call(args.ilp, cache))
+
+    classifier, selection = engine.load_project(args.ilp)
+    img = engine.read_image(args.image)[:, :args.rows]
+    features = compute_features(img, selection).reshape(-1, classifier.n_features)
+    n = features.shape[0]
+    out = np.empty((n, classifier.n_outputs), dtype=np.float32)
+    print(f"{n} pixels x {classifier.n_features} features, {classifier.flat.tree_root.size} trees")
+    predict_proba(classifier, features[:16])
+    for threads in args.threads:
+        engine.set_threads(threads)
+        predict_proba(classifier, features[:1000], out=out[:1000])
+        times = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            predict_proba(classifier, features, out=out)
+            times.append(time.perf_counter() - t)
+        best, median = min(times), float(np.median(times))
+        print(f"threads {threads}: {n / best / 1e6:.2f} Mpixel/s best, "
+              f"{n / median / 1e6:.2f} median ({best:.3f} s best)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

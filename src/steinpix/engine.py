@@ -1,0 +1,451 @@
+"""The built-in engine: ilastik 1.3.3's pixel classification of one image, without ilastik.
+
+``predict_file`` reads a steinbock ``img`` HDF5 file, computes the project's features in
+horizontal strips (each with enough rows of context that it equals a whole-image computation),
+classifies every pixel with the project's random forests and writes the probabilities as the
+uint16 TIFF ilastik exports (spec ``ilastik-1.3.3-prediction.md`` §4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import h5py
+import imagecodecs
+import numba
+import numpy as np
+import tifffile
+
+from steinpix.atomic import atomic_output
+from steinpix.errors import SteinpixError
+from steinpix.features import FeatureSelection, compute_features, feature_names
+from steinpix.forest import Classifier, load_classifier, predict_proba
+
+__all__ = [
+    "STRIP_BYTES",
+    "check_compatible",
+    "export_uint16",
+    "is_finished",
+    "iter_strips",
+    "load_project",
+    "load_selection",
+    "output_path",
+    "predict_file",
+    "predict_image",
+    "read_image",
+    "set_threads",
+    "strip_rows",
+    "write_probabilities",
+]
+
+IMAGE_DATASET = "img"
+
+# Working memory of one strip (features, presmoothed planes, probabilities). predict_file streams
+# the image in and the TIFF out, so with the Python/numba runtime (~200 MiB) a run peaks near
+# 0.75 GiB for any image height. Only images so wide that a strip of min_size + 2 * halo rows
+# exceeds the budget (over ~6300 pixels with the default 160 features) need more.
+STRIP_BYTES = 512 * 1024**2
+# Uncompressed size of one TIFF strip of the output.
+TIFF_STRIP_BYTES = 256 * 1024
+
+
+def set_threads(n: int | None) -> int:
+    """Set the number of threads numba uses (features and forest).
+
+    Parameters
+    ----------
+    n : int or None
+        Threads to use; None means all cores numba sees. Values above that are capped.
+
+    Returns
+    -------
+    int
+        The number of threads now in use.
+    """
+    available = numba.config.NUMBA_NUM_THREADS
+    if n is not None and n < 1:
+        raise ValueError(f"the number of threads must be at least 1, got {n}")
+    n = available if n is None else min(n, available)
+    numba.set_num_threads(n)
+    return n
+
+
+@contextlib.contextmanager
+def _open_image(path: str | os.PathLike) -> Iterator[h5py.Dataset]:
+    """The ``img`` dataset of a steinbock HDF5 image, checked to be 3-D."""
+    path = Path(path)
+    try:
+        h5 = h5py.File(path, "r")
+    except FileNotFoundError as exc:
+        raise SteinpixError(f"{path}: no such image file") from exc
+    except OSError as exc:
+        raise SteinpixError(f"{path}: not an HDF5 image ({exc})") from exc
+    with h5:
+        dataset = h5.get(IMAGE_DATASET)
+        if not isinstance(dataset, h5py.Dataset):
+            raise SteinpixError(f"{path}: no '{IMAGE_DATASET}' dataset (not a steinbock image)")
+        if dataset.ndim != 3:
+            raise SteinpixError(
+                f"{path}: the '{IMAGE_DATASET}' dataset has shape {dataset.shape}, "
+                "expected channels x height x width"
+            )
+        yield dataset
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a steinbock image: the ``img`` dataset of an HDF5 file.
+
+    Parameters
+    ----------
+    path : path-like
+        HDF5 file written by ``steinbock classify ilastik prepare`` (or steinpix).
+
+    Returns
+    -------
+    (C, Y, X) ndarray
+        The image in the dtype it is stored in (ilastik converts it to float32 itself).
+
+    Raises
+    ------
+    SteinpixError
+        If the file is not HDF5, has no ``img`` dataset, or the dataset is not 3-D.
+    """
+    with _open_image(path) as dataset:
+        return dataset[()]
+
+
+def load_selection(ilp_path: str | os.PathLike) -> FeatureSelection:
+    """Read the feature selection of an ilastik project.
+
+    Parameters
+    ----------
+    ilp_path : path-like
+
+    Returns
+    -------
+    FeatureSelection
+    """
+    path = Path(ilp_path)
+    try:
+        with h5py.File(path, "r") as h5:
+            if "FeatureSelections" not in h5:
+                raise SteinpixError(f"{path}: the project has no feature selection")
+            return FeatureSelection.from_h5(h5["FeatureSelections"], str(path))
+    except OSError as exc:
+        raise SteinpixError(f"{path}: not an ilastik project ({exc})") from exc
+
+
+def _expected_channels(classifier: Classifier, selection: FeatureSelection) -> int | None:
+    """The channel count the classifier was trained on, if the selection explains it."""
+    per_channel = selection.n_features(1)
+    if per_channel and classifier.n_features % per_channel == 0:
+        return classifier.n_features // per_channel
+    return None
+
+
+def check_compatible(img_shape: tuple[int, ...], classifier: Classifier,
+                     selection: FeatureSelection, source: str = "image") -> None:
+    """Raise a SteinpixError if the image cannot be classified with this project.
+
+    Parameters
+    ----------
+    img_shape : tuple of int
+        (C, Y, X).
+    classifier, selection
+        The project's classifier and feature selection.
+    source : str
+        Image name for messages.
+    """
+    n_channels, height, width = img_shape
+    expected = _expected_channels(classifier, selection)
+    names = feature_names(selection, n_channels)
+    if classifier.feature_names is not None:
+        matches = names == list(classifier.feature_names)
+    else:
+        matches = len(names) == classifier.n_features
+    if not matches:
+        if expected is not None and expected != n_channels:
+            raise SteinpixError(
+                f"{source}: the image has {n_channels} channels, but the classifier in "
+                f"{classifier.path} expects {expected} channels"
+            )
+        raise SteinpixError(
+            f"{source}: the features of this image ({len(names)} columns) do not match the "
+            f"{classifier.n_features} columns the classifier in {classifier.path} was trained on"
+        )
+    smallest = selection.min_size()
+    if height < smallest or width < smallest:
+        raise SteinpixError(
+            f"{source}: the image is {height} x {width} pixels, smaller than the {smallest} x "
+            f"{smallest} that the project's largest feature scale needs"
+        )
+
+
+def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelection,
+               n_outputs: int, max_bytes: int | None = None) -> int:
+    """Output rows per strip so that one strip's working memory stays within ``max_bytes``.
+
+    Parameters
+    ----------
+    height, width, n_channels : int
+        Image size.
+    selection : FeatureSelection
+    n_outputs : int
+        Output channels.
+    max_bytes : int, optional
+        Memory budget of one strip; default :data:`STRIP_BYTES`.
+
+    Returns
+    -------
+    int
+        At least ``selection.min_size()`` rows (unless the image is smaller), at most ``height``.
+    """
+    n_features = selection.n_features(n_channels)
+    n_scales = len(selection.selected_scales())
+    # per pixel of the strip: features, presmoothed planes + one temporary plane, float32 input
+    per_pixel = 4 * (n_features + n_channels * (n_scales + 1) + 1 + n_outputs)
+    budget = STRIP_BYTES if max_bytes is None else max_bytes
+    rows = budget // (per_pixel * width) - 2 * selection.halo()
+    return int(min(height, max(rows, selection.min_size(), 1)))
+
+
+def export_uint16(probs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """lazyflow's export normalisation from (0.0, 1.0) to uint16 (0, 65535).
+
+    ``frac = f32(65535 / 1.0)``; ``uint16(p * frac)`` in float32, truncating like a C cast.
+
+    Parameters
+    ----------
+    probs : ndarray of float32
+        Probabilities in [0, 1].
+    out : ndarray of uint16, optional
+        Same shape as ``probs``.
+
+    Returns
+    -------
+    ndarray of uint16
+    """
+    frac = np.float32(np.float64(65535 - 0) / np.float64(1.0 - 0.0))
+    scaled = np.multiply(probs, frac, dtype=np.float32)
+    if out is None:
+        return scaled.astype(np.uint16)
+    out[...] = scaled.astype(np.uint16)
+    return out
+
+
+def _strip_height(shape: tuple[int, int, int], classifier: Classifier,
+                  selection: FeatureSelection, max_pixels_per_strip: int | None,
+                  strip_bytes: int | None = None) -> int:
+    n_channels, height, width = shape
+    rows = strip_rows(height, width, n_channels, selection, classifier.n_outputs, strip_bytes)
+    if max_pixels_per_strip is not None:
+        rows = max(min(rows, max_pixels_per_strip // width), selection.min_size(), 1)
+    rows = min(rows, height)
+    # Same number of strips, but of even height (no thin last strip with a full halo).
+    n_strips = -(-height // rows)
+    return max(-(-height // n_strips), min(rows, selection.min_size()))
+
+
+def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profile: str = "133",
+                max_pixels_per_strip: int | None = None,
+                source: str = "image", strip_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """Exported probabilities of an image, one horizontal strip after the other.
+
+    Each strip's features are computed from the strip plus ``selection.halo()`` rows of context
+    above and below (clipped at the image border), which makes them equal to a whole-image
+    computation. Full-width strips are required for that: fastfilters' SIMD/scalar split of a
+    row depends on the row's length (spec §6.1), so images are never cut in x.
+
+    Parameters
+    ----------
+    img : (C, Y, X) ndarray or h5py.Dataset
+        The image; only the rows a strip needs are read (``img[:, a:b]``).
+    classifier, selection, profile, max_pixels_per_strip, source
+        As for :func:`predict_image`.
+    strip_bytes : int, optional
+        Working-memory budget of one strip (default :data:`STRIP_BYTES`).
+
+    Yields
+    ------
+    (rows, X, n_outputs) ndarray of uint16
+        Consecutive strips, top to bottom.
+    """
+    if len(img.shape) != 3:
+        raise SteinpixError(f"{source}: expected a channels x height x width image, "
+                            f"got shape {img.shape}")
+    check_compatible(img.shape, classifier, selection, source)
+    _, height, width = img.shape
+    rows = _strip_height(img.shape, classifier, selection, max_pixels_per_strip, strip_bytes)
+    halo, n_features, n_out = selection.halo(), classifier.n_features, classifier.n_outputs
+    # Buffers for the largest strip, reused (as views of their first elements) by every strip.
+    feature_buf = np.empty(min(height, rows + 2 * halo) * width * n_features, dtype=np.float32)
+    prob_buf = np.empty(rows * width * n_out, dtype=np.float32)
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
+        a, b = max(0, y0 - halo), min(height, y1 + halo)
+        features = compute_features(
+            np.asarray(img[:, a:b]), selection, profile,
+            out=feature_buf[:(b - a) * width * n_features].reshape(b - a, width, n_features),
+        )
+        pixels = features[y0 - a:y1 - a].reshape(-1, n_features)
+        probs = predict_proba(classifier, pixels,
+                              out=prob_buf[:pixels.shape[0] * n_out].reshape(-1, n_out))
+        yield export_uint16(probs.reshape(y1 - y0, width, n_out))
+
+
+def predict_image(img: np.ndarray, classifier: Classifier, selection: FeatureSelection,
+                  profile: str = "133", max_pixels_per_strip: int | None = None,
+                  source: str = "image") -> np.ndarray:
+    """Probabilities of one image as ilastik 1.3.3 exports them.
+
+    Features are computed in horizontal full-width strips, each with ``selection.halo()`` rows
+    of context above and below (clipped at the image border), so every strip's rows equal a
+    whole-image computation (see :func:`iter_strips`).
+
+    Parameters
+    ----------
+    img : (C, Y, X) ndarray
+        The image (any real dtype; converted to float32 as ilastik does).
+    classifier : Classifier
+        From :func:`steinpix.forest.load_classifier`.
+    selection : FeatureSelection
+        The project's feature selection.
+    profile : {"133", "14x"}
+        Arithmetic profile of the feature filters (ilastik 1.3.3post3 or 1.4.x).
+    max_pixels_per_strip : int, optional
+        Output pixels per strip (rounded down to whole rows, at least ``min_size`` rows). By
+        default strips are sized from the feature count to stay within :data:`STRIP_BYTES`.
+    source : str
+        Image name used in error messages.
+
+    Returns
+    -------
+    (Y, X, n_outputs) ndarray of uint16
+        ``n_outputs`` = number of label names in the project.
+
+    Raises
+    ------
+    SteinpixError
+        If the image's channel count or size does not fit the project.
+    """
+    result = None
+    y0 = 0
+    for strip in iter_strips(img, classifier, selection, profile, max_pixels_per_strip, source):
+        if result is None:
+            result = np.empty((img.shape[1], *strip.shape[1:]), dtype=np.uint16)
+        result[y0:y0 + strip.shape[0]] = strip
+        y0 += strip.shape[0]
+    return result
+
+
+def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[bytes]:
+    """LZW-encoded TIFF strips of ``rows_per_strip`` rows from arrays of any row count."""
+    pending: list[np.ndarray] = []
+    n_pending = 0
+    for block in strips:
+        pending.append(block)
+        n_pending += block.shape[0]
+        while n_pending >= rows_per_strip:
+            rows = np.concatenate(pending, axis=0) if len(pending) > 1 else pending[0]
+            yield imagecodecs.lzw_encode(np.ascontiguousarray(rows[:rows_per_strip]).tobytes())
+            pending, n_pending = [rows[rows_per_strip:]], n_pending - rows_per_strip
+    if n_pending:
+        rows = np.concatenate(pending, axis=0)
+        yield imagecodecs.lzw_encode(np.ascontiguousarray(rows).tobytes())
+
+
+def _write_tiff(path: str | os.PathLike, shape: tuple[int, int, int],
+                strips: Iterable[np.ndarray]) -> None:
+    """Write uint16 (Y, X, C) rows arriving in strips as an LZW TIFF, atomically."""
+    height, width, n_channels = shape
+    rows_per_strip = max(1, min(height, TIFF_STRIP_BYTES // (2 * width * n_channels)))
+    if n_channels == 1:  # tifffile stores one sample per pixel as a plain 2-D page
+        options = {"shape": (height, width), "photometric": "minisblack"}
+    else:
+        photometric = "rgb" if n_channels == 3 else "minisblack"
+        options = {"shape": shape, "photometric": photometric, "planarconfig": "contig"}
+    with atomic_output(path) as tmp:
+        tifffile.imwrite(tmp, _tiff_strips(strips, rows_per_strip), dtype=np.uint16,
+                         compression="lzw", rowsperstrip=rows_per_strip, **options)
+
+
+def write_probabilities(path: str | os.PathLike, probs: np.ndarray) -> None:
+    """Write probabilities as ilastik's TIFF export: uint16, Y x X x C, LZW.
+
+    Three channels are written as an RGB image (as vigra does), any other count as
+    minisblack samples. The file appears atomically (written under a temporary name).
+
+    Parameters
+    ----------
+    path : path-like
+        Output ``.tiff``.
+    probs : (Y, X, C) ndarray of uint16
+    """
+    if probs.ndim != 3 or probs.dtype != np.uint16:
+        raise ValueError(f"expected a (Y, X, C) uint16 array, got {probs.dtype} {probs.shape}")
+    _write_tiff(path, probs.shape, [probs])
+
+
+def output_path(img_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """``<out_dir>/<image stem>.tiff``, the name steinbock gives ilastik's output."""
+    return Path(out_dir) / f"{Path(img_file).stem}.tiff"
+
+
+def is_finished(img_file: str | os.PathLike, out_file: str | os.PathLike,
+                ilp: str | os.PathLike) -> bool:
+    """Whether an output can be kept on a rerun: it exists and is newer than the image and
+    the project.
+
+    Parameters
+    ----------
+    img_file, out_file, ilp : path-like
+
+    Returns
+    -------
+    bool
+    """
+    try:
+        done = os.stat(out_file).st_mtime_ns
+    except FileNotFoundError:
+        return False
+    inputs = [os.stat(p).st_mtime_ns for p in (img_file, ilp)]
+    return done > max(inputs)
+
+
+def predict_file(img_file: str | os.PathLike, out_file: str | os.PathLike,
+                 classifier: Classifier, selection: FeatureSelection,
+                 profile: str = "133", strip_bytes: int | None = None) -> None:
+    """Classify one steinbock image and write its probability TIFF.
+
+    The image is read and the TIFF written strip by strip, so memory does not grow with the
+    image height.
+
+    Parameters
+    ----------
+    img_file : path-like
+        HDF5 image with an ``img`` dataset (C, Y, X).
+    out_file : path-like
+        Output TIFF, written atomically.
+    classifier, selection
+        From :func:`steinpix.forest.load_classifier` and :func:`load_selection`.
+    profile : {"133", "14x"}
+        Arithmetic profile of the feature filters.
+    strip_bytes : int, optional
+        Working-memory budget of one strip (default :data:`STRIP_BYTES`); ``run --mem``.
+    """
+    with _open_image(img_file) as dataset:
+        _, height, width = dataset.shape
+        strips = iter_strips(dataset, classifier, selection, profile, source=str(img_file),
+                             strip_bytes=strip_bytes)
+        first = next(strips)  # checks the image before the output file is created
+        _write_tiff(out_file, (height, width, classifier.n_outputs),
+                    itertools.chain([first], strips))
+
+
+def load_project(ilp_path: str | os.PathLike) -> tuple[Classifier, FeatureSelection]:
+    """The classifier and the feature selection of a project (both checked)."""
+    return load_classifier(ilp_path), load_selection(ilp_path)
