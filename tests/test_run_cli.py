@@ -1,0 +1,148 @@
+"""``classify ilastik run`` with the built-in engine, end to end through the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from steinpix._cli.main import main
+
+from conftest import EXAMPLE, TEST_DATA
+
+REF = TEST_DATA / "reference"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    shutil.copytree(REF / "ilastik_img", tmp_path / "ilastik_img")
+    shutil.copy(EXAMPLE / "pretrained.ilp", tmp_path / "pixel_classifier.ilp")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STEINPIX_ILASTIK", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no run_ilastik.sh to be found
+    return tmp_path
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["classify", "ilastik", "run", *args], catch_exceptions=False)
+
+
+def outputs(workdir: Path) -> list[str]:
+    return sorted(p.name for p in (workdir / "ilastik_probabilities").iterdir())
+
+
+def test_default_run_is_bit_identical_to_ilastik(workdir):
+    result = run()
+    assert result.exit_code == 0, result.output
+    assert "Engine: built-in" in result.stderr
+    assert outputs(workdir) == sorted(p.name for p in (REF / "ilastik_probabilities").iterdir())
+    for out in (workdir / "ilastik_probabilities").iterdir():
+        ours, theirs = (
+            tifffile.imread(out),
+            tifffile.imread(REF / "ilastik_probabilities" / out.name),
+        )
+        assert ours.dtype == np.uint16 and ours.shape == theirs.shape
+        np.testing.assert_array_equal(ours, theirs)
+    assert result.stdout.splitlines() == [
+        f"ilastik_probabilities/{name}" for name in outputs(workdir)
+    ]
+    assert "[3/3]" in result.stderr
+
+
+def test_rerun_skips_finished_outputs_and_overwrite_recomputes(workdir):
+    assert run().exit_code == 0
+    out = workdir / "ilastik_probabilities" / "20210305_NE_mockData1_002.tiff"
+    before = {p.name: p.stat().st_mtime_ns for p in out.parent.iterdir()}
+    out.unlink()  # as if the run had been killed before this image
+    result = run()
+    assert result.exit_code == 0, result.output
+    assert "2 of 3 outputs are finished already" in result.stderr
+    assert result.stdout.splitlines() == [f"ilastik_probabilities/{out.name}"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.parent.iterdir()}
+    assert {k: v for k, v in after.items() if k != out.name} == {
+        k: v for k, v in before.items() if k != out.name
+    }
+    # an image newer than its output is recomputed
+    img = workdir / "ilastik_img" / "20210305_NE_mockData1_001.h5"
+    os.utime(img, ns=(after["20210305_NE_mockData1_001.tiff"] + 10**9,) * 2)
+    assert run().stdout.splitlines() == ["ilastik_probabilities/20210305_NE_mockData1_001.tiff"]
+    assert len(run("--overwrite").stdout.splitlines()) == 3
+
+
+def test_bad_image_is_reported_and_others_still_run(workdir):
+    bad = workdir / "ilastik_img" / "20210305_NE_mockData1_002.h5"
+    with h5py.File(bad, "w") as f:
+        f["other"] = np.zeros((4, 60, 60), np.float32)
+    result = run()
+    assert result.exit_code == 1
+    assert f"ilastik_img/{bad.name}: no 'img' dataset" in result.stderr
+    assert "Traceback" not in result.output
+    assert outputs(workdir) == [
+        "20210305_NE_mockData1_001.tiff",
+        "20210305_NE_mockData1_003.tiff",
+    ]
+
+
+def test_image_with_other_channel_count_is_reported(workdir):
+    img = workdir / "ilastik_img" / "20210305_NE_mockData1_001.h5"
+    with h5py.File(img, "a") as f:
+        data = f["img"][()]
+        del f["img"]
+        f["img"] = data[:3]
+    result = run()
+    assert result.exit_code == 1
+    line = next(li for li in result.stderr.splitlines() if img.name in li and "ERROR" in li)
+    assert "3" in line and "4" in line and "channel" in line
+
+
+def test_project_without_forests(workdir):
+    # a fresh project from prepare has no trained classifier
+    shutil.copytree(EXAMPLE / "img", workdir / "img")
+    shutil.copy(EXAMPLE / "panel.csv", workdir)
+    prep = CliRunner().invoke(
+        main, ["classify", "ilastik", "prepare", "--cropsize", "50", "-o", "fresh.ilp"]
+    )
+    assert prep.exit_code == 0, prep.output
+    result = run("--ilp", "fresh.ilp", "--engine", "builtin")
+    assert result.exit_code != 0
+    assert "fresh.ilp" in result.stderr and "--engine ilastik" in result.stderr
+    assert "Traceback" not in result.output
+    result = run("--ilp", "fresh.ilp")  # auto: no forests and no ilastik either
+    assert result.exit_code == 2
+    assert "no ilastik was found" in result.stderr
+
+
+def test_empty_image_folder(workdir):
+    (workdir / "empty").mkdir()
+    result = run("--img", "empty")
+    assert result.exit_code == 1 and "empty: no *.h5 images found" in result.stderr
+
+
+def test_threads_and_mem_options(workdir):
+    result = run("--threads", "1", "--mem", "300", "-o", "one")
+    assert result.exit_code == 0, result.output
+    for name in sorted(p.name for p in (workdir / "one").iterdir()):
+        np.testing.assert_array_equal(
+            tifffile.imread(workdir / "one" / name),
+            tifffile.imread(REF / "ilastik_probabilities" / name),
+        )
+
+
+def test_console_script_runs_the_builtin_engine(workdir):
+    # the installed entry point in a real process, as users call it
+    result = subprocess.run(
+        [sys.executable, "-m", "steinpix", "classify", "ilastik", "run", "-v", "WARNING"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
