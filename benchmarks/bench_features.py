@@ -23,7 +23,7 @@ import numpy as np
 from steinpix.features import FeatureSelection, compute_features
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imc-mock"
-DEFAULT_ILP = SHARED / "reference" / "steinbock-0.16.5" / "fix" / "pixel_classifier.ilp"
+DEFAULT_ILP = Path(__file__).resolve().parents[1] / "examples" / "imc-mock" / "pretrained.ilp"
 
 
 def default_selection() -> FeatureSelection:

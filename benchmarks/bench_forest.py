@@ -26,7 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work"
-DEFAULT_ILP = REPO / "tests" / "data" / "pixel_classifier.ilp"
+DEFAULT_ILP = REPO / "examples" / "imc-mock" / "pretrained.ilp"
 
 FIRST_CALL = """
 import time, numpy as np

@@ -26,7 +26,7 @@ import numba
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work"
-DEFAULT_ILP = REPO / "tests" / "data" / "pixel_classifier.ilp"
+DEFAULT_ILP = REPO / "examples" / "imc-mock" / "pretrained.ilp"
 
 
 def worker(ilp: Path, images: list[Path], out_dir: Path, threads: int, profile: str) -> None:

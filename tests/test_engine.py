@@ -99,8 +99,12 @@ def test_strip_rows_fit_the_memory_budget(project):
     classifier, selection = project
     rows = engine.strip_rows(2000, 2000, 4, selection, 3)
     assert selection.min_size() <= rows < 2000
-    per_row = 2000 * 4 * (160 + 4 * 6 + 1 + 3)
-    assert (rows + 2 * selection.halo()) * per_row <= engine.STRIP_BYTES
+    # features and probabilities for the output rows; input, presmoothed planes and one
+    # temporary plane for the rows with their halo
+    output_rows = rows * 2000 * 4 * (160 + 3)
+    halo_rows = (rows + 2 * selection.halo()) * 2000 * 4 * (4 * (5 + 1) + 1)
+    assert output_rows + halo_rows <= engine.STRIP_BYTES
+    assert engine.strip_rows(2000, 2000, 4, selection, 3, max_bytes=engine.STRIP_BYTES // 4) < rows
     assert engine.strip_rows(100, 120, 4, selection, 3) == 100
 
 

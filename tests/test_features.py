@@ -398,6 +398,9 @@ def test_strips_with_halo_are_bit_identical(sel, profile):
         a, b = max(0, y0 - halo), min(height, y1 + halo)
         strip = compute_features(img[:, a:b], sel, profile)
         assert np.array_equal(strip[y0 - a : y1 - a], whole[y0:y1]), (y0, y1)
+        # only the strip's own rows, as the engine asks for them
+        rows = compute_features(img[:, a:b], sel, profile, rows=(y0 - a, y1 - a))
+        assert np.array_equal(rows, whole[y0:y1]), (y0, y1)
 
 
 def test_halo_and_sizes_of_the_pretrained_selection():

@@ -8,10 +8,12 @@ uint16 TIFF ilastik exports (spec ``ilastik-1.3.3-prediction.md`` §4).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -206,10 +208,14 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
     """
     n_features = selection.n_features(n_channels)
     n_scales = len(selection.selected_scales())
-    # per pixel of the strip: features, presmoothed planes + one temporary plane, float32 input
-    per_pixel = 4 * (n_features + n_channels * (n_scales + 1) + 1 + n_outputs)
+    # per output row pixel: features and probabilities; per pixel of the strip with its halo:
+    # the float32 input, the presmoothed planes and one temporary plane
+    per_row_pixel = 4 * (n_features + n_outputs)
+    per_halo_pixel = 4 * (n_channels * (n_scales + 1) + 1)
     budget = STRIP_BYTES if max_bytes is None else max_bytes
-    rows = budget // (per_pixel * width) - 2 * selection.halo()
+    rows = (budget // width - 2 * selection.halo() * per_halo_pixel) // (
+        per_row_pixel + per_halo_pixel
+    )
     return int(min(height, max(rows, selection.min_size(), 1)))
 
 
@@ -282,16 +288,17 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
     rows = _strip_height(img.shape, classifier, selection, max_pixels_per_strip, strip_bytes)
     halo, n_features, n_out = selection.halo(), classifier.n_features, classifier.n_outputs
     # Buffers for the largest strip, reused (as views of their first elements) by every strip.
-    feature_buf = np.empty(min(height, rows + 2 * halo) * width * n_features, dtype=np.float32)
+    feature_buf = np.empty(min(height, rows) * width * n_features, dtype=np.float32)
     prob_buf = np.empty(rows * width * n_out, dtype=np.float32)
     for y0 in range(0, height, rows):
         y1 = min(height, y0 + rows)
         a, b = max(0, y0 - halo), min(height, y1 + halo)
         features = compute_features(
             np.asarray(img[:, a:b]), selection, profile,
-            out=feature_buf[:(b - a) * width * n_features].reshape(b - a, width, n_features),
+            out=feature_buf[:(y1 - y0) * width * n_features].reshape(y1 - y0, width, n_features),
+            rows=(y0 - a, y1 - a),
         )
-        pixels = features[y0 - a:y1 - a].reshape(-1, n_features)
+        pixels = features.reshape(-1, n_features)
         probs = predict_proba(classifier, pixels,
                               out=prob_buf[:pixels.shape[0] * n_out].reshape(-1, n_out))
         yield export_uint16(probs.reshape(y1 - y0, width, n_out))
@@ -342,8 +349,8 @@ def predict_image(img: np.ndarray, classifier: Classifier, selection: FeatureSel
     return result
 
 
-def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[bytes]:
-    """LZW-encoded TIFF strips of ``rows_per_strip`` rows from arrays of any row count."""
+def _row_chunks(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[np.ndarray]:
+    """Blocks of ``rows_per_strip`` rows (the last may be shorter) from arrays of any height."""
     pending: list[np.ndarray] = []
     n_pending = 0
     for block in strips:
@@ -351,11 +358,26 @@ def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[
         n_pending += block.shape[0]
         while n_pending >= rows_per_strip:
             rows = np.concatenate(pending, axis=0) if len(pending) > 1 else pending[0]
-            yield imagecodecs.lzw_encode(np.ascontiguousarray(rows[:rows_per_strip]).tobytes())
+            yield np.ascontiguousarray(rows[:rows_per_strip])
             pending, n_pending = [rows[rows_per_strip:]], n_pending - rows_per_strip
     if n_pending:
-        rows = np.concatenate(pending, axis=0)
-        yield imagecodecs.lzw_encode(np.ascontiguousarray(rows).tobytes())
+        yield np.ascontiguousarray(np.concatenate(pending, axis=0))
+
+
+def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[bytes]:
+    """LZW-encoded TIFF strips of ``rows_per_strip`` rows from arrays of any row count.
+
+    Encoding runs in a background thread (imagecodecs releases the GIL), so a strip's
+    compression overlaps with the computation of the next one; order is kept.
+    """
+    queue: collections.deque[Future] = collections.deque()
+    with ThreadPoolExecutor(1) as pool:
+        for rows in _row_chunks(strips, rows_per_strip):
+            queue.append(pool.submit(lambda r: imagecodecs.lzw_encode(r.tobytes()), rows))
+            while queue and queue[0].done():
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
 
 
 def _write_tiff(path: str | os.PathLike, shape: tuple[int, int, int],

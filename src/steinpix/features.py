@@ -1096,7 +1096,9 @@ def _transpose_row(scratch, out_row):
 
 
 @_jit
-def _feature_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y0, y1, out):
+def _feature_rows(
+    planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y0, y1, out, out_y0
+):
     """Stage 2 for output rows y0..y1: every feature of every (channel, scale).
 
     Parameters
@@ -1113,7 +1115,9 @@ def _feature_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfuse
     unfused : bool
     y0, y1 : int
         Output rows; the ring buffers are primed with the rows above y0 that they need.
-    out : (H, W, F) ndarray of float32
+    out : (R, W, F) ndarray of float32
+        Row ``y`` of the image goes to ``out[y - out_y0]``.
+    out_y0 : int
     """
     n_channels, n_scales, _, width = planes.shape
     n_feat = out.shape[2]
@@ -1151,7 +1155,7 @@ def _feature_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfuse
                     pad,
                     unfused,
                 )
-        _transpose_row(scratch, out[y])
+        _transpose_row(scratch, out[y - out_y0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -1164,6 +1168,7 @@ def compute_features(
     selection: FeatureSelection,
     profile: str = "133",
     out: np.ndarray | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Compute ilastik's pixel features of one 2-D multichannel image.
 
@@ -1175,12 +1180,16 @@ def compute_features(
         The project's feature selection.
     profile : {"133", "14x"}, optional
         Arithmetic profile: ilastik 1.3.3post3 (default) or 1.4.x (spec section 5).
-    out : (Y, X, F) ndarray of float32, optional
-        C-contiguous buffer for the result.
+    out : (R, X, F) ndarray of float32, optional
+        C-contiguous buffer for the result (R = number of output rows).
+    rows : (int, int), optional
+        Only compute output rows ``rows[0] .. rows[1] - 1`` of ``img`` (default: all). The
+        filters still see the whole of ``img``; rows outside the range are only presmoothed
+        as far as the range needs, which is what makes strips with a halo cheap.
 
     Returns
     -------
-    (Y, X, F) ndarray of float32
+    (R, X, F) ndarray of float32
         C-contiguous; columns in ``feature_names(selection, C)`` order, so that
         ``reshape(-1, F)`` gives one row per pixel.
 
@@ -1205,8 +1214,11 @@ def compute_features(
         raise ValueError(f"expected a (C, Y, X) image, got shape {img.shape}")
     n_channels, height, width = img.shape
     _check_size(selection, height, width)
+    r0, r1 = (0, height) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= r0 < r1 <= height:
+        raise ValueError(f"rows {rows} outside the image's {height} rows")
     plan = _make_plan(selection, n_channels)
-    shape = (height, width, plan.n_features)
+    shape = (r1 - r0, width, plan.n_features)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
@@ -1215,21 +1227,42 @@ def compute_features(
             f"not {out.dtype} {out.shape}"
         )
     unfused = profile == "14x"
-    n_threads = max(1, min(numba.get_num_threads(), height))
-    chunks = [(i * height // n_threads, (i + 1) * height // n_threads) for i in range(n_threads)]
+    n_threads = max(1, min(numba.get_num_threads(), r1 - r0))
+
+    def chunks(a: int, b: int) -> list[tuple[int, int]]:
+        return [
+            (a + i * (b - a) // n_threads, a + (i + 1) * (b - a) // n_threads)
+            for i in range(n_threads)
+        ]
+
+    # presmoothed rows that the feature filters of rows r0..r1 read (mirrored reads included)
+    margin = _feature_margin(selection)
+    p0, p1 = max(0, r0 - margin), min(height, r1 + margin)
     planes = np.empty((n_channels, len(plan.pre_radius), height, width), dtype=np.float32)
     tmp = np.empty((height, width), dtype=np.float32)
     with _Runner(n_threads) as run:
         for c in range(n_channels):
             for s in range(len(plan.pre_radius)):
                 coefs, k = plan.pre_coefs[s], int(plan.pre_radius[s])
-                run(_xpass_rows, [(img[c], coefs, k, False, unfused, a, b, tmp) for a, b in chunks])
-                run(_ypass_rows, [(tmp, coefs, k, False, a, b, planes[c, s]) for a, b in chunks])
+                x_rows = chunks(max(0, p0 - k), min(height, p1 + k))
+                run(_xpass_rows, [(img[c], coefs, k, False, unfused, a, b, tmp) for a, b in x_rows])
+                y_rows = chunks(p0, p1)
+                run(_ypass_rows, [(tmp, coefs, k, False, a, b, planes[c, s]) for a, b in y_rows])
         del tmp
         args = (plan.coefs, plan.radius, plan.x_jobs, plan.y_jobs, plan.columns, plan.ring_rows)
         args = (*args, unfused)
-        run(_feature_rows, [(planes, *args, a, b, out) for a, b in chunks])
+        run(_feature_rows, [(planes, *args, a, b, out, r0) for a, b in chunks(r0, r1)])
     return out
+
+
+def _feature_margin(selection: FeatureSelection) -> int:
+    """Rows of presmoothed context the feature filters need around an output row."""
+    return max(
+        _feature_chain_radius(fid, scale)
+        for i, fid in enumerate(selection.feature_ids)
+        for j, scale in enumerate(selection.scales)
+        if selection.matrix[i, j]
+    )
 
 
 class _Runner:
