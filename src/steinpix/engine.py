@@ -55,6 +55,17 @@ STRIP_BYTES = 512 * 1024**2
 TIFF_STRIP_BYTES = 256 * 1024
 
 
+def kernels_cached() -> bool:
+    """Whether numba's on-disk cache holds the compiled feature kernels (if not, the first
+    image compiles them, which takes about half a minute). True when it cannot tell."""
+    from steinpix import features
+
+    try:
+        return Path(features._feature_rows._cache._cache_file._index_path).exists()
+    except AttributeError:  # numba internals moved: no hint rather than a wrong one
+        return True
+
+
 def set_threads(n: int | None) -> int:
     """Set the number of threads numba uses (features and forest).
 

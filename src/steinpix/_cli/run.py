@@ -76,6 +76,8 @@ def run_builtin(
 
     engine.set_threads(threads)
     classifier, selection = engine.load_project(ilp)
+    if not engine.kernels_cached():
+        logger.info("Compiling the built-in engine (once after installation: about half a minute)")
     # --mem caps the whole process: leave room for the Python/numba runtime (~250 MiB)
     strip_bytes = None if mem is None else max(64, mem - 256) * 1024**2
     failed = []
