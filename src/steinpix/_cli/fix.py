@@ -6,7 +6,6 @@ import logging
 
 import click
 
-from steinpix import fix
 from steinpix._cli.utils import one_line_errors, verbosity_option
 
 logger = logging.getLogger("steinpix")
@@ -59,6 +58,8 @@ def fix_cmd(
     backup: bool,
     axis_order: str | None,
 ) -> None:
+    from steinpix import fix  # imported here so that the other commands start fast
+
     result = fix.fix(
         ilastik_project_file,
         ilastik_crop_dir,

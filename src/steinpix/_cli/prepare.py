@@ -7,10 +7,8 @@ from pathlib import Path
 
 import click
 
-from steinpix import images, panel, project
 from steinpix._cli.utils import one_line_errors, verbosity_option
 from steinpix.errors import SteinpixError
-from steinpix.prepare import check_channels, iter_prepare
 
 logger = logging.getLogger("steinpix")
 
@@ -111,6 +109,10 @@ def prepare_cmd(
     crop_dir: str,
     seed: int | None,
 ) -> None:
+    # imported here so that `steinpix --help` and the other commands start fast
+    from steinpix import images, panel, project
+    from steinpix.prepare import check_channels, iter_prepare
+
     aggr_func = images.aggregation_function(aggr_func_name)
     panel_df = panel.read_panel(panel_file)
     groups = panel.channel_groups(panel_df, panel_file)

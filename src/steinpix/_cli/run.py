@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from steinpix import images
 from steinpix._cli.utils import one_line_errors, verbosity_option
 from steinpix.errors import SteinpixError
 
@@ -196,6 +195,8 @@ def run_cmd(
     docker_image: str | None,
     overwrite: bool,
 ) -> None:
+    from steinpix import images
+
     ilp = Path(ilastik_project_file)
     out_dir = Path(ilastik_probab_dir)
     img_files = images.list_h5_files(ilastik_img_dir)
