@@ -37,6 +37,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from steinpix import project
 from steinpix.errors import SteinpixError
 
 __all__ = [
@@ -49,14 +50,8 @@ __all__ = [
     "kernel_radius",
 ]
 
-FEATURE_IDS: tuple[str, ...] = (
-    "GaussianSmoothing",
-    "LaplacianOfGaussian",
-    "GaussianGradientMagnitude",
-    "DifferenceOfGaussians",
-    "StructureTensorEigenvalues",
-    "HessianOfGaussianEigenvalues",
-)
+# the six ids in ilastik's default order, as the project file stores them
+FEATURE_IDS: tuple[str, ...] = project.FEATURE_IDS
 
 #: Arithmetic profiles (spec section 5): "133" is ilastik 1.3.3post3 (fastfilters built with
 #: ``-Ofast``, reassociated scalar code), "14x" is ilastik 1.4.x (scalar code unfused, in order).

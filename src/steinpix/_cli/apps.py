@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from steinpix import runners
-from steinpix._cli.utils import one_line_errors, verbosity_option
+from steinpix._cli.utils import ilastik_binary_option, one_line_errors, verbosity_option
 from steinpix.errors import SteinpixError
 
 logger = logging.getLogger("steinpix")
@@ -182,14 +182,7 @@ def apps_group() -> None:
     # like steinbock: --help goes to ilastik; docs/ilastik-and-docker.md lists these options
     add_help_option=False,
 )
-@click.option(
-    "--ilastik",
-    "ilastik_binary",
-    type=click.STRING,
-    default=None,
-    show_default="$STEINPIX_ILASTIK, /opt/ilastik/run_ilastik.sh, run_ilastik.sh on PATH",
-    help="Ilastik binary",
-)
+@ilastik_binary_option("Ilastik binary")
 @click.option(
     "--docker",
     "use_docker",

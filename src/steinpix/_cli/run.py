@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from steinpix._cli.utils import one_line_errors, verbosity_option
+from steinpix._cli.utils import ilastik_binary_option, one_line_errors, verbosity_option
 from steinpix.errors import SteinpixError
 
 logger = logging.getLogger("steinpix")
@@ -104,14 +104,7 @@ def run_builtin(
 
 
 @click.command(name="run", help="Run a pixel classification batch using Ilastik")
-@click.option(
-    "--ilastik",
-    "ilastik_binary",
-    type=click.STRING,
-    default=None,
-    show_default="$STEINPIX_ILASTIK, /opt/ilastik/run_ilastik.sh, run_ilastik.sh on PATH",
-    help="Ilastik binary (for --engine ilastik, and auto when needed)",
-)
+@ilastik_binary_option("Ilastik binary (for --engine ilastik, and auto when needed)")
 @click.option(
     "--ilp",
     "ilastik_project_file",

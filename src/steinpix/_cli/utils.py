@@ -65,6 +65,18 @@ def verbosity_option(func: Callable) -> Callable:
     )(func)
 
 
+def ilastik_binary_option(help: str) -> Callable:
+    """``--ilastik PATH``; the lookup order when it is not given is in :mod:`steinpix.runners`."""
+    return click.option(
+        "--ilastik",
+        "ilastik_binary",
+        type=click.STRING,
+        default=None,
+        show_default="$STEINPIX_ILASTIK, /opt/ilastik/run_ilastik.sh, run_ilastik.sh on PATH",
+        help=help,
+    )
+
+
 def one_line_errors(func: Callable) -> Callable:
     """Turn :class:`SteinpixError` into ``Error: <message>`` on stderr and its exit code."""
 
