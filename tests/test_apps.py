@@ -89,7 +89,7 @@ def test_macos_needs_no_display_variable(fake, monkeypatch):
 def test_ilastik_not_found(tmp_path, linux_desktop):
     result = invoke("--ilastik", str(tmp_path / "missing.sh"))
     assert result.exit_code == 2
-    assert result.output.count("\n") == 1 and "--engine builtin" in result.output
+    assert result.output.count("\n") == 1 and "or use --docker" in result.output
 
 
 def test_exit_code_of_a_killed_ilastik():

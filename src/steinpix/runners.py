@@ -59,15 +59,15 @@ def _is_executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
-def _not_found(what: str) -> SteinpixError:
+def _not_found(what: str, alternative: str) -> SteinpixError:
     return SteinpixError(
         f"ilastik not found: {what}; install ilastik 1.3.3post3 and pass --ilastik PATH "
-        f"(or set ${ILASTIK_ENV_VAR}), or use --engine builtin",
+        f"(or set ${ILASTIK_ENV_VAR}), or {alternative}",
         exit_code=2,
     )
 
 
-def _check_given(value: str, source: str) -> Path:
+def _check_given(value: str, source: str, alternative: str) -> Path:
     """Resolve a binary named by the user: a path, or a bare command name looked up on PATH."""
     path = Path(value).expanduser()
     if not path.exists() and os.sep not in value and "/" not in value:
@@ -75,19 +75,21 @@ def _check_given(value: str, source: str) -> Path:
         if on_path is not None:
             return Path(on_path)
     if not path.exists():
-        raise _not_found(f"{value} ({source}) does not exist")
+        raise _not_found(f"{value} ({source}) does not exist", alternative)
     if not _is_executable(path):
-        raise _not_found(f"{value} ({source}) is not an executable file")
+        raise _not_found(f"{value} ({source}) is not an executable file", alternative)
     return path
 
 
-def find_ilastik(explicit: str | os.PathLike | None = None) -> Path:
+def find_ilastik(
+    explicit: str | os.PathLike | None = None, alternative: str = "use --engine builtin"
+) -> Path:
     """The ilastik launcher to run, as steinpix looks it up.
 
     Order: ``explicit`` (``--ilastik PATH``), then ``$STEINPIX_ILASTIK``, then
     ``/opt/ilastik/run_ilastik.sh`` (where steinbock's and steinpix's Docker images have it), then
     ``run_ilastik.sh`` on ``PATH``. A bare name such as ``ilastik`` given explicitly is also looked
-    up on ``PATH``.
+    up on ``PATH``. ``alternative`` ends the not-found message (what else the user can do).
 
     Raises
     ------
@@ -95,16 +97,16 @@ def find_ilastik(explicit: str | os.PathLike | None = None) -> Path:
         With exit code 2 when the chosen file is missing or not executable, or nothing is found.
     """
     if explicit is not None and str(explicit) != "":
-        return _check_given(str(explicit), "--ilastik")
+        return _check_given(str(explicit), "--ilastik", alternative)
     from_env = os.environ.get(ILASTIK_ENV_VAR, "")
     if from_env:
-        return _check_given(from_env, f"${ILASTIK_ENV_VAR}")
+        return _check_given(from_env, f"${ILASTIK_ENV_VAR}", alternative)
     if _is_executable(Path(DEFAULT_ILASTIK)):
         return Path(DEFAULT_ILASTIK)
     on_path = shutil.which(ILASTIK_ON_PATH)
     if on_path is not None:
         return Path(on_path)
-    raise _not_found(f"neither {DEFAULT_ILASTIK} nor {ILASTIK_ON_PATH} on PATH")
+    raise _not_found(f"neither {DEFAULT_ILASTIK} nor {ILASTIK_ON_PATH} on PATH", alternative)
 
 
 def lazyflow_env(threads: int | None = None, mem: int | None = None) -> dict[str, str]:

@@ -63,7 +63,7 @@ def run_gui_local(ilastik: str | None, ilastik_args: Sequence[str]) -> int:
     Lookup and environment are those of ``classify ilastik run`` (:func:`runners.find_ilastik`,
     :func:`runners.ilastik_env`); ilastik's output goes to the terminal as it is.
     """
-    binary = runners.find_ilastik(ilastik)
+    binary = runners.find_ilastik(ilastik, alternative="use --docker")
     if needs_display(ilastik_args):
         check_display(os.environ, _platform())
     logger.debug("Running %s %s", binary, " ".join(ilastik_args))
