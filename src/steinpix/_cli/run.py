@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from steinpix._cli.utils import ilastik_binary_option, one_line_errors, verbosity_option
+from steinpix.atomic import remove_stale_temporaries
 from steinpix.errors import SteinpixError
 
 logger = logging.getLogger("steinpix")
@@ -200,6 +201,8 @@ def run_cmd(
     mem = memory_limit or None
     chosen = choose_engine(engine, ilp, ilastik_binary)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(out_dir):
+        logger.info("Removed %s, left by a run that was killed", stale)
     pending, finished = pending_images(img_files, out_dir, ilp, overwrite)
     if finished:
         logger.info(
