@@ -82,7 +82,7 @@ def test_strips_give_the_same_result_as_one_strip(project):
     classifier, selection = project
     img = engine.read_image(IN_REPO_IMAGES[0])
     whole = engine.predict_image(img, classifier, selection)
-    # the smallest strips allowed: selection.min_size() rows, each with halo rows of context
+    # the smallest strips: one row each, computed from the row and its halo of context
     strips = engine.predict_image(img, classifier, selection, max_pixels_per_strip=1)
     assert img.shape[1] > 3 * selection.min_size() > 0
     np.testing.assert_array_equal(strips, whole)
@@ -93,6 +93,17 @@ def test_strips_give_the_same_result_as_one_strip(project):
         engine.predict_image(tall, classifier, selection, max_pixels_per_strip=strip),
         engine.predict_image(tall, classifier, selection, max_pixels_per_strip=10**9),
     )
+
+
+def test_wide_images_fit_the_memory_budget(project):
+    classifier, selection = project
+    # 20,000 pixels wide: thin strips, still within the budget, never below one row
+    rows = engine.strip_rows(3000, 20_000, 4, selection, 3)
+    assert 1 <= rows < selection.min_size()
+    output_rows = rows * 20_000 * 4 * (160 + 3)
+    halo_rows = (rows + 2 * selection.halo()) * 20_000 * 4 * (4 * (5 + 1) + 1)
+    assert output_rows + halo_rows <= engine.STRIP_BYTES
+    assert engine.strip_rows(3000, 20_000, 4, selection, 3, max_bytes=1) == 1
 
 
 def test_strip_rows_fit_the_memory_budget(project):

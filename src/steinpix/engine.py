@@ -47,9 +47,9 @@ __all__ = [
 IMAGE_DATASET = "img"
 
 # Working memory of one strip (features, presmoothed planes, probabilities). predict_file streams
-# the image in and the TIFF out, so with the Python/numba runtime (~200 MiB) a run peaks near
-# 0.75 GiB for any image height. Only images so wide that a strip of min_size + 2 * halo rows
-# exceeds the budget (over ~6300 pixels with the default 160 features) need more.
+# the image in and the TIFF out, so with the Python/numba runtime (~250 MiB) a run peaks near
+# 0.8 GiB for any image size. Only images so wide that a strip of one row plus its halo exceeds
+# the budget (over ~60,000 pixels with the default 160 features) need more.
 STRIP_BYTES = 512 * 1024**2
 # Uncompressed size of one TIFF strip of the output.
 TIFF_STRIP_BYTES = 256 * 1024
@@ -215,7 +215,8 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
     Returns
     -------
     int
-        At least ``selection.min_size()`` rows (unless the image is smaller), at most ``height``.
+        At least 1, at most ``height``. A strip's input (its rows and halo) is always at least
+        ``min_size`` rows when the image is, so even very wide images fit the budget.
     """
     n_features = selection.n_features(n_channels)
     n_scales = len(selection.selected_scales())
@@ -227,7 +228,7 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
     rows = (budget // width - 2 * selection.halo() * per_halo_pixel) // (
         per_row_pixel + per_halo_pixel
     )
-    return int(min(height, max(rows, selection.min_size(), 1)))
+    return int(min(height, max(rows, 1)))
 
 
 def export_uint16(probs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -260,11 +261,11 @@ def _strip_height(shape: tuple[int, int, int], classifier: Classifier,
     n_channels, height, width = shape
     rows = strip_rows(height, width, n_channels, selection, classifier.n_outputs, strip_bytes)
     if max_pixels_per_strip is not None:
-        rows = max(min(rows, max_pixels_per_strip // width), selection.min_size(), 1)
+        rows = max(min(rows, max_pixels_per_strip // width), 1)
     rows = min(rows, height)
     # Same number of strips, but of even height (no thin last strip with a full halo).
     n_strips = -(-height // rows)
-    return max(-(-height // n_strips), min(rows, selection.min_size()))
+    return -(-height // n_strips)
 
 
 def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profile: str = "133",
