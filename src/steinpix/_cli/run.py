@@ -41,9 +41,10 @@ def choose_engine(engine: str, ilp: Path, ilastik: str | None) -> str:
     from steinpix.forest import supports_project
 
     supported, why = supports_project(ilp)
+    why = why.removeprefix(f"{ilp}: ")  # the messages below name the project once
     if engine == "builtin":
         if not supported:
-            raise SteinpixError(f"{ilp}: the built-in engine cannot run this project: {why}")
+            raise SteinpixError(f"{ilp}: {why} (the built-in engine does not train classifiers)")
         logger.info("Engine: built-in (reproduces ilastik 1.3.3post3 without ilastik)")
         return "builtin"
     if supported:
