@@ -20,25 +20,18 @@ import h5py
 import numba
 import numpy as np
 
-from steinpix.features import FeatureSelection, compute_features
+from steinpix.features import FEATURE_IDS, FeatureSelection, compute_features
+from steinpix.project import SCALES, SELECTED_SCALES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imc-mock"
 DEFAULT_ILP = Path(__file__).resolve().parents[1] / "examples" / "imc-mock" / "pretrained.ilp"
 
 
 def default_selection() -> FeatureSelection:
-    ids = (
-        "GaussianSmoothing",
-        "LaplacianOfGaussian",
-        "GaussianGradientMagnitude",
-        "DifferenceOfGaussians",
-        "StructureTensorEigenvalues",
-        "HessianOfGaussianEigenvalues",
-    )
-    scales = (0.3, 0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
-    matrix = np.zeros((6, 7), dtype=bool)
-    matrix[:, 2:] = True
-    return FeatureSelection(ids, scales, matrix, (True,) * 7)
+    """All six features at sigma 1.0 to 10.0, as the pretrained IMC projects select them."""
+    matrix = np.zeros((len(FEATURE_IDS), len(SCALES)), dtype=bool)
+    matrix[:, [SCALES.index(s) for s in SELECTED_SCALES]] = True
+    return FeatureSelection(FEATURE_IDS, SCALES, matrix, (True,) * len(SCALES))
 
 
 def make_image(size: int, channels: int) -> np.ndarray:

@@ -6,20 +6,13 @@ import logging
 
 import click
 
-from steinpix._cli.utils import one_line_errors, verbosity_option
+from steinpix._cli.utils import ilp_option, one_line_errors, verbosity_option
 
 logger = logging.getLogger("steinpix")
 
 
 @click.command(name="fix", help="Fix existing Ilastik training data (experimental)")
-@click.option(
-    "--ilp",
-    "ilastik_project_file",
-    type=click.Path(exists=True, dir_okay=False),
-    default="pixel_classifier.ilp",
-    show_default=True,
-    help="Path to the Ilastik project file",
-)
+@ilp_option
 @click.option(
     "--crop",
     "ilastik_crop_dir",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from steinpix._cli.utils import ilastik_binary_option, one_line_errors, verbosity_option
+from steinpix._cli.utils import ilastik_binary_option, ilp_option, one_line_errors, verbosity_option
 from steinpix.atomic import remove_stale_temporaries
 from steinpix.errors import SteinpixError
 
@@ -107,14 +107,7 @@ def run_builtin(
 
 @click.command(name="run", help="Run a pixel classification batch using Ilastik")
 @ilastik_binary_option("Ilastik binary (for --engine ilastik, and auto when needed)")
-@click.option(
-    "--ilp",
-    "ilastik_project_file",
-    type=click.Path(exists=True, dir_okay=False),
-    default="pixel_classifier.ilp",
-    show_default=True,
-    help="Path to the Ilastik project file",
-)
+@ilp_option
 @click.option(
     "--img",
     "ilastik_img_dir",

@@ -77,6 +77,16 @@ def ilastik_binary_option(help: str) -> Callable:
     )
 
 
+ilp_option = click.option(
+    "--ilp",
+    "ilastik_project_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default="pixel_classifier.ilp",
+    show_default=True,
+    help="Path to the Ilastik project file",
+)
+
+
 def one_line_errors(func: Callable) -> Callable:
     """Turn :class:`SteinpixError` into ``Error: <message>`` on stderr and its exit code."""
 
