@@ -434,11 +434,23 @@ def supports_project(ilp_path: str | os.PathLike) -> tuple[bool, str]:
         Empty if ``ok``, else a one-line explanation naming the file.
     """
     try:
-        classifier = load_classifier(ilp_path)
-        _check_feature_selection(classifier)
+        load_supported_classifier(ilp_path)
     except SteinpixError as exc:
         return False, str(exc)
     return True, ""
+
+
+def load_supported_classifier(ilp_path: str | os.PathLike) -> Classifier:
+    """:func:`load_classifier`, plus the checks of :func:`supports_project`.
+
+    Raises
+    ------
+    SteinpixError
+        With the reason :func:`supports_project` gives.
+    """
+    classifier = load_classifier(ilp_path)
+    _check_feature_selection(classifier)
+    return classifier
 
 
 def _check_feature_selection(classifier: Classifier) -> None:

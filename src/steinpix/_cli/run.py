@@ -33,23 +33,33 @@ def pending_images(
     return pending, len(img_files) - len(pending)
 
 
-def choose_engine(engine: str, ilp: Path, ilastik: str | None) -> str:
+def choose_engine(engine: str, ilp: Path, ilastik: str | None) -> tuple[str, tuple | None]:
     """Resolve ``--engine auto``: the built-in engine when it supports the project, else a
-    local ilastik when one is found; log which engine runs and why."""
-    if engine in ("ilastik", "docker"):
-        return engine
-    from steinpix.forest import supports_project
+    local ilastik when one is found; log which engine runs and why.
 
-    supported, why = supports_project(ilp)
-    why = why.removeprefix(f"{ilp}: ")  # the messages below name the project once
+    Returns
+    -------
+    engine : str
+    model : (Classifier, FeatureSelection) or None
+        The project's classifier and feature selection, loaded once, for the built-in engine.
+    """
+    if engine in ("ilastik", "docker"):
+        return engine, None
+    from steinpix.engine import load_selection
+    from steinpix.forest import load_supported_classifier
+
+    try:
+        model, why = (load_supported_classifier(ilp), load_selection(ilp)), ""
+    except SteinpixError as e:
+        model, why = None, str(e).removeprefix(f"{ilp}: ")  # messages below name it once
     if engine == "builtin":
-        if not supported:
+        if model is None:
             raise SteinpixError(f"{ilp}: {why} (the built-in engine does not train classifiers)")
         logger.info("Engine: built-in (reproduces ilastik 1.3.3post3 without ilastik)")
-        return "builtin"
-    if supported:
+        return "builtin", model
+    if model is not None:
         logger.info("Engine: built-in (the project stores vigra random forests)")
-        return "builtin"
+        return "builtin", model
     from steinpix.runners import find_ilastik
 
     try:
@@ -61,11 +71,11 @@ def choose_engine(engine: str, ilp: Path, ilastik: str | None) -> str:
             exit_code=2,
         ) from None
     logger.info("Engine: ilastik at %s (built-in engine: %s)", binary, why)
-    return "ilastik"
+    return "ilastik", None
 
 
 def run_builtin(
-    ilp: Path,
+    model: tuple,
     img_files: list[Path],
     out_dir: Path,
     threads: int | None,
@@ -76,7 +86,7 @@ def run_builtin(
     from steinpix import engine
 
     engine.set_threads(threads)
-    classifier, selection = engine.load_project(ilp)
+    classifier, selection = model
     if not engine.kernels_cached():
         logger.info("Compiling the built-in engine (once after installation: about half a minute)")
     # --mem caps the whole process: leave room for the Python/numba runtime (~250 MiB)
@@ -193,7 +203,7 @@ def run_cmd(
     # steinbock accepts 0 for both; it means "no limit"
     threads = num_threads or None
     mem = memory_limit or None
-    chosen = choose_engine(engine, ilp, ilastik_binary)
+    chosen, model = choose_engine(engine, ilp, ilastik_binary)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(out_dir):
         logger.info("Removed %s, left by a run that was killed", stale)
@@ -208,7 +218,7 @@ def run_cmd(
     if not pending:
         return
     if chosen == "builtin":
-        failed = run_builtin(ilp, pending, out_dir, threads, mem, profile)
+        failed = run_builtin(model, pending, out_dir, threads, mem, profile)
     else:
         from steinpix import runners
 
