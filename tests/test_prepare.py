@@ -296,3 +296,13 @@ def test_no_temporary_files_left(workdir):
     assert run_prepare(workdir, "--cropsize", "50").exit_code == 0
     leftovers = [p for p in workdir.rglob(".*") if p.is_file()]
     assert leftovers == []
+
+
+def test_project_in_another_folder_points_at_the_crops(workdir):
+    # steinbock raises ValueError here (Path.relative_to); lanes must be relative to the project
+    result = run_prepare(workdir, "--cropsize", "50", "--seed", "123", "-o", "sub/p.ilp")
+    assert result.exit_code == 0, result.output
+    with h5py.File(workdir / "sub" / "p.ilp", "r") as f:
+        path = f["Input Data/infos/lane0000/Raw Data/filePath"][()].decode()
+    assert path == "../ilastik_crops/20210305_NE_mockData1_001_x1_y47_w50_h50.h5/crop"
+    assert (workdir / "sub" / path.rsplit("/", 1)[0]).is_file()

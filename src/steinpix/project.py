@@ -159,6 +159,7 @@ def create_project(
     project_file = Path(project_file)
     project_dir = project_file.parent
     dataset_id = str(uuid.uuid1())
+    project_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(project_file) as tmp, h5py.File(tmp, "w", libver=H5_LIBVER) as f:
         features = f.create_group("FeatureSelections")
         if preselect_features:
