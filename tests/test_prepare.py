@@ -306,3 +306,10 @@ def test_project_in_another_folder_points_at_the_crops(workdir):
         path = f["Input Data/infos/lane0000/Raw Data/filePath"][()].decode()
     assert path == "../ilastik_crops/20210305_NE_mockData1_001_x1_y47_w50_h50.h5/crop"
     assert (workdir / "sub" / path.rsplit("/", 1)[0]).is_file()
+
+
+def test_unwritable_output_folder_is_one_line(workdir):
+    (workdir / "blocker").write_text("a file where a folder should go")
+    result = run_prepare(workdir, "--cropsize", "50", "--imgout", "blocker/ilastik_img")
+    assert_one_line_error(result, "blocker/ilastik_img")
+    assert "Traceback" not in result.output

@@ -98,6 +98,9 @@ def one_line_errors(func: Callable) -> Callable:
             err = click.ClickException(str(e))
             err.exit_code = e.exit_code
             raise err from None
+        except OSError as e:  # a folder that cannot be written, a full disk, ...
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
 
     return wrapper
 
