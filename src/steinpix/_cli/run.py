@@ -103,6 +103,10 @@ def run_builtin(
             logger.error("[%d/%d] %s", i, len(img_files), e)
             failed.append(img_file)
             continue
+        except OSError as e:  # e.g. a damaged chunk deep inside an HDF5 file
+            logger.error("[%d/%d] %s: %s", i, len(img_files), img_file, e.strerror or e)
+            failed.append(img_file)
+            continue
         logger.info(
             "[%d/%d] %s -> %s (%.1f s)",
             i,
