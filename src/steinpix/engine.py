@@ -302,18 +302,27 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
     # Buffers for the largest strip, reused (as views of their first elements) by every strip.
     feature_buf = np.empty(min(height, rows) * width * n_features, dtype=np.float32)
     prob_buf = np.empty(rows * width * n_out, dtype=np.float32)
-    for y0 in range(0, height, rows):
-        y1 = min(height, y0 + rows)
-        a, b = max(0, y0 - halo), min(height, y1 + halo)
-        features = compute_features(
-            np.asarray(img[:, a:b]), selection, profile,
-            out=feature_buf[:(y1 - y0) * width * n_features].reshape(y1 - y0, width, n_features),
-            rows=(y0 - a, y1 - a),
-        )
-        pixels = features.reshape(-1, n_features)
-        probs = predict_proba(classifier, pixels,
-                              out=prob_buf[:pixels.shape[0] * n_out].reshape(-1, n_out))
-        yield export_uint16(probs.reshape(y1 - y0, width, n_out))
+    starts = list(range(0, height, rows))
+
+    def read(y0: int) -> np.ndarray:
+        return np.asarray(img[:, max(0, y0 - halo):min(height, y0 + rows + halo)])
+
+    # the next strip is read in the background (h5py releases the GIL) while this one computes
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(read, starts[0])
+        for i, y0 in enumerate(starts):
+            strip = pending.result()
+            if i + 1 < len(starts):
+                pending = reader.submit(read, starts[i + 1])
+            y1 = min(height, y0 + rows)
+            a = max(0, y0 - halo)
+            out = feature_buf[:(y1 - y0) * width * n_features].reshape(y1 - y0, width, n_features)
+            features = compute_features(strip, selection, profile, out=out, rows=(y0 - a, y1 - a))
+            pixels = features.reshape(-1, n_features)
+            probs = predict_proba(classifier, pixels,
+                                  out=prob_buf[:pixels.shape[0] * n_out].reshape(-1, n_out))
+            del strip
+            yield export_uint16(probs.reshape(y1 - y0, width, n_out))
 
 
 def predict_image(img: np.ndarray, classifier: Classifier, selection: FeatureSelection,
