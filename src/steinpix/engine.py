@@ -26,6 +26,8 @@ from steinpix.atomic import atomic_output
 from steinpix.errors import SteinpixError
 from steinpix.features import FeatureSelection, compute_features, feature_names
 from steinpix.forest import Classifier, load_classifier, predict_proba
+from steinpix.images import IMG_DATASET
+from steinpix.outputs import is_finished, output_path
 
 __all__ = [
     "STRIP_BYTES",
@@ -43,8 +45,6 @@ __all__ = [
     "strip_rows",
     "write_probabilities",
 ]
-
-IMAGE_DATASET = "img"
 
 # Working memory of one strip (features, presmoothed planes, probabilities). predict_file streams
 # the image in and the TIFF out, so with the Python/numba runtime (~250 MiB) a run peaks near
@@ -98,12 +98,12 @@ def _open_image(path: str | os.PathLike) -> Iterator[h5py.Dataset]:
     except OSError as exc:
         raise SteinpixError(f"{path}: not an HDF5 image ({exc})") from exc
     with h5:
-        dataset = h5.get(IMAGE_DATASET)
+        dataset = h5.get(IMG_DATASET)
         if not isinstance(dataset, h5py.Dataset):
-            raise SteinpixError(f"{path}: no '{IMAGE_DATASET}' dataset (not a steinbock image)")
+            raise SteinpixError(f"{path}: no '{IMG_DATASET}' dataset (not a steinbock image)")
         if dataset.ndim != 3:
             raise SteinpixError(
-                f"{path}: the '{IMAGE_DATASET}' dataset has shape {dataset.shape}, "
+                f"{path}: the '{IMG_DATASET}' dataset has shape {dataset.shape}, "
                 "expected channels x height x width"
             )
         yield dataset
@@ -431,32 +431,6 @@ def write_probabilities(path: str | os.PathLike, probs: np.ndarray) -> None:
     if probs.ndim != 3 or probs.dtype != np.uint16:
         raise ValueError(f"expected a (Y, X, C) uint16 array, got {probs.dtype} {probs.shape}")
     _write_tiff(path, probs.shape, [probs])
-
-
-def output_path(img_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """``<out_dir>/<image stem>.tiff``, the name steinbock gives ilastik's output."""
-    return Path(out_dir) / f"{Path(img_file).stem}.tiff"
-
-
-def is_finished(img_file: str | os.PathLike, out_file: str | os.PathLike,
-                ilp: str | os.PathLike) -> bool:
-    """Whether an output can be kept on a rerun: it exists and is newer than the image and
-    the project.
-
-    Parameters
-    ----------
-    img_file, out_file, ilp : path-like
-
-    Returns
-    -------
-    bool
-    """
-    try:
-        done = os.stat(out_file).st_mtime_ns
-    except FileNotFoundError:
-        return False
-    inputs = [os.stat(p).st_mtime_ns for p in (img_file, ilp)]
-    return done > max(inputs)
 
 
 def predict_file(img_file: str | os.PathLike, out_file: str | os.PathLike,

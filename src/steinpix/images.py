@@ -282,23 +282,3 @@ def write_steinbock_h5(img: np.ndarray, h5_file: str | os.PathLike, dataset: str
         ds.attrs["axistags"] = AXISTAGS.encode("ascii")
         ds.attrs["steinbock"] = True
     return h5_file
-
-
-def read_steinbock_h5(h5_file: str | os.PathLike, dataset: str = IMG_DATASET) -> np.ndarray:
-    """Read the CYX dataset of a steinbock HDF5 image or crop.
-
-    Raises
-    ------
-    SteinpixError
-        When the file is not HDF5 or has no such dataset.
-    """
-    h5_file = Path(h5_file)
-    try:
-        with h5py.File(h5_file, "r") as f:
-            if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
-                raise SteinpixError(f"{h5_file}: no '{dataset}' dataset in this HDF5 file")
-            return f[dataset][()]
-    except FileNotFoundError:
-        raise SteinpixError(f"{h5_file}: file not found") from None
-    except OSError as e:
-        raise SteinpixError(f"{h5_file}: not a readable HDF5 file ({e})") from None

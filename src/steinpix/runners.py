@@ -24,6 +24,7 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 from steinpix.errors import SteinpixError
+from steinpix.outputs import output_name
 
 logger = logging.getLogger("steinpix")
 
@@ -178,11 +179,6 @@ def headless_args(
 def ilastik_output_name(img_file: str | os.PathLike) -> str:
     """The file name ilastik exports for ``<stem>.h5``: ``<stem>-img.tiff``."""
     return f"{PurePath(img_file).stem}-{IMG_DATASET}.tiff"
-
-
-def output_name(img_file: str | os.PathLike) -> str:
-    """The final file name of an image's probabilities, as steinbock renames it: ``<stem>.tiff``."""
-    return f"{PurePath(img_file).stem}.tiff"
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import click
 from steinpix._cli.utils import ilastik_binary_option, ilp_option, one_line_errors, verbosity_option
 from steinpix.atomic import remove_stale_temporaries
 from steinpix.errors import SteinpixError
+from steinpix.outputs import is_finished, output_path
 
 logger = logging.getLogger("steinpix")
 
@@ -25,8 +26,6 @@ def pending_images(
     An output counts as finished when it exists and is newer than both its image and the
     project, so a rerun after an interruption only computes what is missing.
     """
-    from steinpix.engine import is_finished, output_path
-
     if overwrite:
         return list(img_files), 0
     pending = [f for f in img_files if not is_finished(f, output_path(f, out_dir), ilp)]
@@ -93,7 +92,7 @@ def run_builtin(
     strip_bytes = None if mem is None else max(64, mem - 256) * 1024**2
     failed = []
     for i, img_file in enumerate(img_files, start=1):
-        out_file = engine.output_path(img_file, out_dir)
+        out_file = output_path(img_file, out_dir)
         start = time.perf_counter()
         try:
             engine.predict_file(
@@ -248,7 +247,7 @@ def run_cmd(
             )
         for img_file in pending:
             if img_file not in failed:
-                click.echo(out_dir / runners.output_name(img_file))
+                click.echo(output_path(img_file, out_dir))
     done = len(pending) - len(failed)
     logger.info("Classified %d of %d images into %s", done, len(pending), out_dir)
     if failed:
