@@ -327,9 +327,12 @@ def split_chunks(items: Sequence[Path], chunk: int | None) -> list[list[Path]]:
     return [items[i : i + chunk] for i in range(0, len(items), chunk)]
 
 
-def _check_unique_stems(img_files: Sequence[Path]) -> None:
-    # ilastik names outputs after the file stem only, so images in different subfolders with
-    # the same name would overwrite each other's probabilities (steinbock loses one silently).
+def check_unique_stems(img_files: Sequence[Path]) -> None:
+    """Fail when two images would write the same output (outputs are named after the stem).
+
+    Images in different subfolders with the same name would overwrite each other's
+    probabilities (steinbock loses one silently).
+    """
     seen: dict[str, Path] = {}
     for img_file in img_files:
         other = seen.setdefault(img_file.stem, img_file)
@@ -361,6 +364,58 @@ def _collect_outputs(files: Sequence[Path], tmp_dir: Path, out_dir: Path) -> lis
     return missing
 
 
+def classify_chunk(
+    files: Sequence[Path],
+    out_dir: str | os.PathLike,
+    run_chunk: ChunkRunner,
+    *,
+    label: str = "chunk",
+    engine: str = "ilastik",
+) -> dict[Path, str]:
+    """Run ``run_chunk(files, tmp_dir)`` once and move its finished outputs into ``out_dir``.
+
+    The chunk writes into a fresh hidden folder ``<out_dir>/.steinpix-<pid>-XXXX/`` that is
+    removed afterwards in all cases (failure, Ctrl-C). A chunk that returns non-zero counts as
+    failed for all its images, since ilastik may have stopped in the middle of writing one.
+
+    Parameters
+    ----------
+    files
+        The images of this chunk.
+    out_dir
+        An existing folder for the ``<stem>.tiff`` outputs.
+    run_chunk
+        Runs ilastik on ``files`` with ``tmp_dir`` as export folder; returns its exit code.
+    label, engine
+        Name the chunk and the engine in the log.
+
+    Returns
+    -------
+    failed : dict of Path to str
+        The images without an output, with the reason (failures are logged, not raised).
+    """
+    files = [Path(f) for f in files]
+    out_dir = Path(out_dir)
+    logger.info("%s: %s (%d images: %s)", engine, label, len(files), _names(files))
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=out_dir))
+    try:
+        code = run_chunk(files, tmp_dir)
+        if code != 0:
+            logger.error(
+                "%s failed on %s (%s); no probabilities written for %s",
+                engine,
+                label,
+                describe_exit(code),
+                _names(files),
+            )
+            reason = f"{engine} failed on {label} ({describe_exit(code)})"
+            return {f: reason for f in files}
+        missing = _collect_outputs(files, tmp_dir, out_dir)
+        return {f: f"{engine} exited with code 0 but wrote no probabilities" for f in missing}
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 def run_chunks(
     img_files: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -369,39 +424,19 @@ def run_chunks(
     chunk: int | None = None,
     engine: str = "ilastik",
 ) -> list[Path]:
-    """Run ``run_chunk(files, tmp_dir)`` per chunk; move finished outputs; return failed images.
-
-    Each chunk writes into a fresh hidden folder ``<out_dir>/.steinpix-<pid>-XXXX/`` that is
-    removed afterwards in all cases (failure, Ctrl-C). A chunk that returns non-zero counts as
-    failed for all its images, since ilastik may have stopped in the middle of writing one.
-    """
+    """:func:`classify_chunk` for each chunk of ``img_files``; returns the failed images."""
     img_files = [Path(f) for f in img_files]
     groups = split_chunks(img_files, chunk)
     if not groups:
         return []
-    _check_unique_stems(img_files)
+    check_unique_stems(img_files)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     failed: list[Path] = []
     for i, files in enumerate(groups, start=1):
-        label = f"chunk {i}/{len(groups)}"
-        logger.info("%s: %s (%d images: %s)", engine, label, len(files), _names(files))
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=out_dir))
-        try:
-            code = run_chunk(files, tmp_dir)
-            if code != 0:
-                logger.error(
-                    "%s failed on %s (%s); no probabilities written for %s",
-                    engine,
-                    label,
-                    describe_exit(code),
-                    _names(files),
-                )
-                failed += files
-            else:
-                failed += _collect_outputs(files, tmp_dir, out_dir)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        failed += classify_chunk(
+            files, out_dir, run_chunk, label=f"chunk {i}/{len(groups)}", engine=engine
+        )
     return failed
 
 
@@ -448,6 +483,18 @@ def run_ilastik(
     KeyboardInterrupt
         After ilastik was stopped and the temporary files removed.
     """
+    run_chunk = ilastik_chunk_runner(ilastik, ilp, threads=threads, mem=mem)
+    return run_chunks(img_files, out_dir, run_chunk, chunk=chunk, engine="ilastik")
+
+
+def ilastik_chunk_runner(
+    ilastik: str | os.PathLike,
+    ilp: str | os.PathLike,
+    *,
+    threads: int | None = None,
+    mem: int | None = None,
+) -> ChunkRunner:
+    """A :data:`ChunkRunner` that runs a local ilastik binary (see :func:`run_ilastik`)."""
     env = ilastik_env(threads, mem)
     # absolute paths: ilastik resolves a relative export path against the project's folder
     ilp_abs = Path(ilp).absolute()
@@ -460,7 +507,7 @@ def run_ilastik(
         except OSError as e:
             raise SteinpixError(f"cannot run ilastik {ilastik}: {e.strerror or e}", 2) from None
 
-    return run_chunks(img_files, out_dir, run_chunk, chunk=chunk, engine="ilastik")
+    return run_chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,10 +744,37 @@ def run_docker(
     img_files = [Path(f) for f in img_files]
     if not img_files:
         return []
+    run_chunk = docker_chunk_runner(
+        ilp,
+        img_files,
+        out_dir,
+        image=image,
+        threads=threads,
+        mem=mem,
+        client=client,
+        data_dir=data_dir,
+    )
+    return run_chunks(img_files, out_dir, run_chunk, chunk=chunk, engine="ilastik (Docker)")
+
+
+def docker_chunk_runner(
+    ilp: str | os.PathLike,
+    img_files: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    image: str = DEFAULT_DOCKER_IMAGE,
+    threads: int | None = None,
+    mem: int | None = None,
+    client: Any = None,
+    data_dir: str | os.PathLike | None = None,
+) -> ChunkRunner:
+    """A :data:`ChunkRunner` that runs ilastik in a container (see :func:`run_docker`), for
+    chunks of ``img_files``; checks the paths, the daemon and the image first."""
+    img_files = [Path(f) for f in img_files]
     mount = DataMount(data_dir)
     c_ilp = mount.container_path(ilp)
     c_imgs = {f: mount.container_path(f) for f in img_files}
-    mount.container_path(out_dir)  # only checked here: run_chunks creates it
+    mount.container_path(out_dir)  # only checked here: the caller creates it
     client = docker_client(client)
     require_image(client, image)
     environment = {"HOME": CONTAINER_HOME, **lazyflow_env(threads, mem)}
@@ -719,4 +793,4 @@ def run_docker(
             user=user,
         )
 
-    return run_chunks(img_files, out_dir, run_chunk, chunk=chunk, engine="ilastik (Docker)")
+    return run_chunk

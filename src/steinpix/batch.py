@@ -1,0 +1,399 @@
+"""A batch of ``classify ilastik run``: the engine, the pending images, and the tasks that
+classify them, on this machine or on a Dask cluster.
+
+The work of a batch is a list of :class:`Task` (one image for the built-in engine, a chunk of
+images per ilastik call otherwise). An :data:`Executor` runs :func:`classify_task` on each task
+and yields each task's results as it finishes: :func:`run_local` here, one task after the other;
+:func:`steinpix.cluster.dask_executor` on a Dask cluster. :func:`run_batch` logs ``[i/n]`` per
+finished image and collects the failures, whatever the executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from steinpix.atomic import remove_stale_temporaries
+from steinpix.errors import SteinpixError
+from steinpix.outputs import is_finished, output_path
+
+logger = logging.getLogger("steinpix")
+
+ENGINES = ("auto", "builtin", "ilastik", "docker")
+# Projects a process keeps loaded (a Dask worker may serve batches of several projects).
+MODEL_CACHE_SIZE = 4
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every task of a batch needs. Plain values only, so that it pickles to Dask workers.
+
+    Attributes
+    ----------
+    ilp : Path
+        The trained project.
+    out_dir : Path
+        Folder of the ``<stem>.tiff`` probabilities.
+    engine : {"builtin", "ilastik", "docker"}
+        The engine chosen by :func:`choose_engine`.
+    threads, mem : int or None
+        ``--threads`` and ``--mem`` (MB); None: no limit.
+    profile : str
+        Arithmetic profile of the built-in engine.
+    chunk : int or None
+        Images per ilastik call (None: all at once).
+    ilastik : Path or None
+        The ilastik launcher for ``engine="ilastik"``.
+    docker_image : str or None
+        The image for ``engine="docker"``.
+    """
+
+    ilp: Path
+    out_dir: Path
+    engine: str = "builtin"
+    threads: int | None = None
+    mem: int | None = None
+    profile: str = "133"
+    chunk: int | None = None
+    ilastik: Path | None = None
+    docker_image: str | None = None
+
+    def outputs(self, img_file: str | os.PathLike) -> tuple[Path, ...]:
+        """Every file the batch writes for ``img_file``; the first is its probabilities."""
+        return (output_path(img_file, self.out_dir),)
+
+    def output_dirs(self) -> tuple[Path, ...]:
+        """The folders the outputs go to."""
+        return (self.out_dir,)
+
+    @property
+    def strip_bytes(self) -> int | None:
+        """The built-in engine's working-memory budget per strip for ``--mem``."""
+        if self.mem is None:
+            return None
+        # --mem caps the whole process: leave room for the Python/numba runtime (~250 MiB)
+        return max(64, self.mem - 256) * 1024**2
+
+
+@dataclass(frozen=True)
+class Task:
+    """Images classified together: one for the built-in engine, a chunk for ilastik."""
+
+    files: tuple[Path, ...]
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The outcome of one image: its outputs, or the one-line error that stopped it.
+
+    Attributes
+    ----------
+    img_file : Path
+    outputs : tuple of Path
+        As :meth:`Job.outputs`; written only when ``error`` is None.
+    error : str or None
+        What went wrong, naming the image.
+    seconds : float
+        Time spent on the image (for a chunk of ilastik images: on the chunk).
+    """
+
+    img_file: Path
+    outputs: tuple[Path, ...]
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+Executor = Callable[[Job, Sequence[Task]], Iterable[list[ImageResult]]]
+"""Runs :func:`classify_task` on every task and yields each one's results as it finishes."""
+
+ResultCallback = Callable[[int, int, ImageResult], None]
+"""Called as ``on_result(i, n, result)`` for the i-th finished image of n."""
+
+
+# --------------------------------------------------------------------------------------------
+# Projects, engines, pending images
+
+_models: dict[tuple[str, int, int], tuple] = {}
+_models_lock = threading.Lock()
+
+
+def load_model(ilp: str | os.PathLike) -> tuple:
+    """The classifier and feature selection of a project for the built-in engine, loaded once
+    per process (again only when the file changes: the cache key is path, mtime and size).
+
+    Returns
+    -------
+    (Classifier, FeatureSelection)
+
+    Raises
+    ------
+    SteinpixError
+        When the built-in engine does not support the project (the message says why).
+    """
+    st = os.stat(ilp)
+    key = (str(Path(ilp).resolve()), st.st_mtime_ns, st.st_size)
+    with _models_lock:  # Dask runs tasks in threads: load each project once, not per thread
+        model = _models.get(key)
+        if model is None:
+            from steinpix.engine import load_selection
+            from steinpix.forest import load_supported_classifier
+
+            model = (load_supported_classifier(ilp), load_selection(ilp))
+            while len(_models) >= MODEL_CACHE_SIZE:
+                _models.pop(next(iter(_models)))
+            _models[key] = model
+    return model
+
+
+def choose_engine(engine: str, ilp: Path, ilastik: str | None) -> str:
+    """Resolve ``--engine auto``: the built-in engine when it supports the project, else a
+    local ilastik when one is found; log which engine runs and why.
+
+    Returns
+    -------
+    str
+        ``"builtin"``, ``"ilastik"`` or ``"docker"``. For ``"builtin"`` the project is loaded
+        (:func:`load_model`) and checked.
+    """
+    if engine in ("ilastik", "docker"):
+        return engine
+    try:
+        load_model(ilp)
+        why = ""
+    except SteinpixError as e:
+        why = str(e).removeprefix(f"{ilp}: ")  # messages below name it once
+    if engine == "builtin":
+        if why:
+            raise SteinpixError(f"{ilp}: {why} (the built-in engine does not train classifiers)")
+        logger.info("Engine: built-in (reproduces ilastik 1.3.3post3 without ilastik)")
+        return "builtin"
+    if not why:
+        logger.info("Engine: built-in (the project stores vigra random forests)")
+        return "builtin"
+    from steinpix.runners import find_ilastik
+
+    try:
+        binary = find_ilastik(ilastik)
+    except SteinpixError:
+        raise SteinpixError(
+            f"{ilp}: the built-in engine cannot run this project ({why}), and no ilastik "
+            "was found (give --ilastik PATH or set STEINPIX_ILASTIK, or use --engine docker)",
+            exit_code=2,
+        ) from None
+    logger.info("Engine: ilastik at %s (built-in engine: %s)", binary, why)
+    return "ilastik"
+
+
+def prepare_outputs(job: Job) -> None:
+    """Create the output folders and remove the temporaries of killed runs from them."""
+    for folder in job.output_dirs():
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(folder):
+            logger.info("Removed %s, left by a run that was killed", stale)
+
+
+def pending_images(job: Job, img_files: Sequence[Path], overwrite: bool = False) -> list[Path]:
+    """The images whose outputs still have to be computed (logs how many are finished).
+
+    An image is finished when every one of its outputs (:meth:`Job.outputs`) exists and is
+    newer than both the image and the project, so a rerun after an interruption only computes
+    what is missing; ``overwrite`` recomputes everything.
+    """
+    if overwrite:
+        return list(img_files)
+    pending = [
+        f for f in img_files if not all(is_finished(f, out, job.ilp) for out in job.outputs(f))
+    ]
+    finished = len(img_files) - len(pending)
+    if finished:
+        logger.info(
+            "%d of %d outputs are finished already (newer than image and project); "
+            "--overwrite recomputes them",
+            finished,
+            len(img_files),
+        )
+    return pending
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+
+
+def make_tasks(job: Job, img_files: Sequence[Path]) -> list[Task]:
+    """One task per image for the built-in engine; chunks of ``job.chunk`` images for ilastik."""
+    if job.engine == "builtin":
+        return [Task((Path(f),)) for f in img_files]
+    from steinpix.runners import split_chunks
+
+    groups = split_chunks([Path(f) for f in img_files], job.chunk)
+    return [Task(tuple(g), f"chunk {i}/{len(groups)}") for i, g in enumerate(groups, start=1)]
+
+
+_compile_notice = threading.Event()
+
+
+def _classify_builtin(job: Job, img_file: Path) -> ImageResult:
+    from steinpix import engine
+
+    outputs = job.outputs(img_file)
+    start = time.perf_counter()
+    try:
+        classifier, selection = load_model(job.ilp)
+        engine.predict_file(
+            img_file,
+            outputs[0],
+            classifier,
+            selection,
+            profile=job.profile,
+            strip_bytes=job.strip_bytes,
+        )
+    except SteinpixError as e:
+        return ImageResult(img_file, outputs, str(e))
+    except OSError as e:  # e.g. a damaged chunk deep inside an HDF5 file
+        return ImageResult(img_file, outputs, f"{img_file}: {e.strerror or e}")
+    return ImageResult(img_file, outputs, None, time.perf_counter() - start)
+
+
+def _chunk_runner(job: Job, files: Sequence[Path]):
+    from steinpix import runners
+
+    if job.engine == "ilastik":
+        binary = job.ilastik if job.ilastik is not None else runners.find_ilastik()
+        runner = runners.ilastik_chunk_runner(binary, job.ilp, threads=job.threads, mem=job.mem)
+        return runner, "ilastik"
+    runner = runners.docker_chunk_runner(
+        job.ilp,
+        files,
+        job.out_dir,
+        image=job.docker_image or runners.DEFAULT_DOCKER_IMAGE,
+        threads=job.threads,
+        mem=job.mem,
+    )
+    return runner, "ilastik (Docker)"
+
+
+def classify_task(job: Job, task: Task) -> list[ImageResult]:
+    """Classify the images of one task and write their outputs (atomically).
+
+    The same function runs in a local batch and on Dask workers. An image that cannot be
+    classified (a damaged file, a failed ilastik chunk) is a result with an error, not an
+    exception; exceptions mean the whole batch cannot go on (e.g. ilastik cannot be started).
+
+    Returns
+    -------
+    list of ImageResult
+        One per image of the task, in its order.
+    """
+    if job.engine == "builtin":
+        from steinpix import engine
+
+        engine.set_threads(job.threads)
+        if not engine.kernels_cached() and not _compile_notice.is_set():
+            _compile_notice.set()
+            logger.info(
+                "Compiling the built-in engine (once after installation: about half a minute)"
+            )
+        return [_classify_builtin(job, f) for f in task.files]
+    from steinpix import runners
+
+    runner, name = _chunk_runner(job, task.files)
+    start = time.perf_counter()
+    failed = runners.classify_chunk(
+        task.files, job.out_dir, runner, label=task.label or "chunk", engine=name
+    )
+    seconds = time.perf_counter() - start
+    return [
+        ImageResult(
+            f,
+            job.outputs(f),
+            f"{f}: {failed[f]}" if f in failed else None,
+            seconds,
+        )
+        for f in task.files
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Running a batch
+
+
+def check_job(job: Job, img_files: Sequence[Path]) -> None:
+    """Checks of the whole batch before any task runs (one-line errors).
+
+    ilastik names outputs after the image's stem only: two images with one stem would
+    overwrite each other. Docker sees only the current folder: every path must lie inside it.
+    """
+    if job.engine == "builtin":
+        return
+    from steinpix import runners
+
+    runners.check_unique_stems([Path(f) for f in img_files])
+    if job.engine == "docker":
+        mount = runners.DataMount()
+        for path in (job.ilp, *job.output_dirs(), *img_files):
+            mount.container_path(path)
+
+
+def run_local(job: Job, tasks: Sequence[Task]) -> Iterator[list[ImageResult]]:
+    """The local :data:`Executor`: one task after the other in this process."""
+    for task in tasks:
+        yield classify_task(job, task)
+
+
+def run_batch(
+    job: Job,
+    img_files: Sequence[Path],
+    executor: Executor = run_local,
+    on_result: ResultCallback | None = None,
+) -> list[ImageResult]:
+    """Classify ``img_files`` (the pending ones) with ``executor``.
+
+    Logs ``[i/n]`` per finished image (its outputs, or its error), then calls
+    ``on_result(i, n, result)``; failed images do not stop the others.
+
+    Returns
+    -------
+    failed : list of ImageResult
+        The images that got no output, in the order they finished.
+    """
+    check_job(job, img_files)
+    n = len(img_files)
+    failed = []
+    i = 0
+    for results in executor(job, make_tasks(job, img_files)):
+        for result in results:
+            i += 1
+            if result.ok:
+                logger.info(
+                    "[%d/%d] %s -> %s (%.1f s)",
+                    i,
+                    n,
+                    result.img_file,
+                    ", ".join(str(p) for p in result.outputs),
+                    result.seconds,
+                )
+            else:
+                logger.error("[%d/%d] %s", i, n, result.error)
+                failed.append(result)
+            if on_result is not None:
+                on_result(i, n, result)
+    logger.info("Classified %d of %d images into %s", n - len(failed), n, job.out_dir)
+    return failed
+
+
+def failure_error(failed: Sequence[ImageResult], total: int) -> SteinpixError:
+    """The one-line error that ends a batch with failed images (exit code 1)."""
+    names = ", ".join(str(r.img_file) for r in failed[:5])
+    return SteinpixError(
+        f"{len(failed)} of {total} images failed: {names}" + (" ..." if len(failed) > 5 else "")
+    )
