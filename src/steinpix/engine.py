@@ -12,7 +12,9 @@ import collections
 import contextlib
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,8 +24,9 @@ import numba
 import numpy as np
 import tifffile
 
-from steinpix.atomic import atomic_output
+from steinpix.atomic import atomic_output, temporary_sibling
 from steinpix.errors import SteinpixError
+from steinpix.exports import EXPORTS, export_uint16
 from steinpix.features import FeatureSelection, compute_features, feature_names
 from steinpix.forest import Classifier, load_classifier, predict_proba
 from steinpix.images import IMG_DATASET
@@ -231,30 +234,6 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
     return int(min(height, max(rows, 1)))
 
 
-def export_uint16(probs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """lazyflow's export normalisation from (0.0, 1.0) to uint16 (0, 65535).
-
-    ``frac = f32(65535 / 1.0)``; ``uint16(p * frac)`` in float32, truncating like a C cast.
-
-    Parameters
-    ----------
-    probs : ndarray of float32
-        Probabilities in [0, 1].
-    out : ndarray of uint16, optional
-        Same shape as ``probs``.
-
-    Returns
-    -------
-    ndarray of uint16
-    """
-    frac = np.float32(np.float64(65535 - 0) / np.float64(1.0 - 0.0))
-    scaled = np.multiply(probs, frac, dtype=np.float32)
-    if out is None:
-        return scaled.astype(np.uint16)
-    out[...] = scaled.astype(np.uint16)
-    return out
-
-
 def _strip_height(shape: tuple[int, int, int], classifier: Classifier,
                   selection: FeatureSelection, max_pixels_per_strip: int | None,
                   strip_bytes: int | None = None) -> int:
@@ -270,7 +249,8 @@ def _strip_height(shape: tuple[int, int, int], classifier: Classifier,
 
 def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profile: str = "133",
                 max_pixels_per_strip: int | None = None,
-                source: str = "image", strip_bytes: int | None = None) -> Iterator[np.ndarray]:
+                source: str = "image", strip_bytes: int | None = None,
+                on_strip: Callable[[np.ndarray], None] | None = None) -> Iterator[np.ndarray]:
     """Exported probabilities of an image, one horizontal strip after the other.
 
     Each strip's features are computed from the strip plus ``selection.halo()`` rows of context
@@ -286,6 +266,10 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
         As for :func:`predict_image`.
     strip_bytes : int, optional
         Working-memory budget of one strip (default :data:`STRIP_BYTES`).
+    on_strip : callable, optional
+        Called with each strip's float32 probabilities, (rows, X, n_outputs), before they are
+        exported: the other exports (:mod:`steinpix.exports`) come from the same computation.
+        The array is reused for the next strip, so it must not be kept.
 
     Yields
     ------
@@ -322,7 +306,10 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
             probs = predict_proba(classifier, pixels,
                                   out=prob_buf[:pixels.shape[0] * n_out].reshape(-1, n_out))
             del strip
-            yield export_uint16(probs.reshape(y1 - y0, width, n_out))
+            probs = probs.reshape(y1 - y0, width, n_out)
+            if on_strip is not None:
+                on_strip(probs)
+            yield export_uint16(probs)
 
 
 def predict_image(img: np.ndarray, classifier: Classifier, selection: FeatureSelection,
@@ -402,17 +389,18 @@ def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[
 
 
 def _write_tiff(path: str | os.PathLike, shape: tuple[int, int, int],
-                strips: Iterable[np.ndarray]) -> None:
-    """Write uint16 (Y, X, C) rows arriving in strips as an LZW TIFF, atomically."""
+                strips: Iterable[np.ndarray], dtype: np.dtype | type = np.uint16) -> None:
+    """Write (Y, X, C) rows of ``dtype`` arriving in strips as an LZW TIFF, atomically."""
     height, width, n_channels = shape
-    rows_per_strip = max(1, min(height, TIFF_STRIP_BYTES // (2 * width * n_channels)))
+    row_bytes = np.dtype(dtype).itemsize * width * n_channels
+    rows_per_strip = max(1, min(height, TIFF_STRIP_BYTES // row_bytes))
     if n_channels == 1:  # tifffile stores one sample per pixel as a plain 2-D page
         options = {"shape": (height, width), "photometric": "minisblack"}
     else:
         photometric = "rgb" if n_channels == 3 else "minisblack"
         options = {"shape": shape, "photometric": photometric, "planarconfig": "contig"}
     with atomic_output(path) as tmp:
-        tifffile.imwrite(tmp, _tiff_strips(strips, rows_per_strip), dtype=np.uint16,
+        tifffile.imwrite(tmp, _tiff_strips(strips, rows_per_strip), dtype=dtype,
                          compression="lzw", rowsperstrip=rows_per_strip, **options)
 
 
@@ -433,13 +421,85 @@ def write_probabilities(path: str | os.PathLike, probs: np.ndarray) -> None:
     _write_tiff(path, probs.shape, [probs])
 
 
+class _TiffSink:
+    """One more output TIFF, fed strip by strip by the caller and written by its own thread.
+
+    The probabilities' writer pulls strips from :func:`iter_strips`; the other exports of the
+    same strips are pushed here, so one pass over the image writes all of them. The file is
+    written under a temporary name and renamed by :meth:`commit`.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int, int],
+                 dtype: np.dtype | type) -> None:
+        self.path = Path(path)
+        self._tmp = temporary_sibling(self.path)
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, args=(shape, dtype), daemon=True)
+        self._thread.start()
+
+    def _strips(self) -> Iterator[np.ndarray]:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _write(self, shape: tuple[int, int, int], dtype: np.dtype | type) -> None:
+        try:
+            _write_tiff(self._tmp, shape, self._strips(), dtype)
+        except BaseException as exc:  # handed to the caller in put/close
+            self._error = exc
+
+    def _send(self, item: object) -> None:
+        while self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        self.close()  # the writer stopped early: raise its error
+
+    def put(self, strip: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        self._send(strip)
+
+    def close(self) -> None:
+        """Finish writing the temporary file, or raise the writer's error."""
+        if self._thread.is_alive():
+            self._send(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def commit(self) -> None:
+        """Rename the finished file into place."""
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Stop, and remove the temporary file (nothing to do after :meth:`commit`)."""
+        if self._thread.is_alive():
+            with contextlib.suppress(BaseException):
+                self._send(_Aborted())
+        self._thread.join()
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp.unlink()
+
+
+class _Aborted(Exception):
+    pass
+
+
 def predict_file(img_file: str | os.PathLike, out_file: str | os.PathLike,
                  classifier: Classifier, selection: FeatureSelection,
-                 profile: str = "133", strip_bytes: int | None = None) -> None:
-    """Classify one steinbock image and write its probability TIFF.
+                 profile: str = "133", strip_bytes: int | None = None,
+                 exports: Mapping[str, str | os.PathLike] | None = None) -> None:
+    """Classify one steinbock image and write its probability TIFF (and other exports).
 
-    The image is read and the TIFF written strip by strip, so memory does not grow with the
-    image height.
+    The image is read and the TIFFs written strip by strip, so memory does not grow with the
+    image height. The other exports are computed from each strip's float32 probabilities
+    (:mod:`steinpix.exports`) and written alongside; every file appears atomically, the
+    others right after the probabilities; a failure while computing or writing leaves none.
 
     Parameters
     ----------
@@ -453,14 +513,48 @@ def predict_file(img_file: str | os.PathLike, out_file: str | os.PathLike,
         Arithmetic profile of the feature filters.
     strip_bytes : int, optional
         Working-memory budget of one strip (default :data:`STRIP_BYTES`); ``run --mem``.
+    exports : mapping, optional
+        More outputs: ``{"uncertainty": path, "segmentation": path}`` (either or both), the
+        Y x X TIFFs of ilastik's ``Uncertainty`` (uint16) and ``Simple Segmentation`` (uint8)
+        exports.
     """
+    wanted = dict(exports or {})
+    unknown = set(wanted) - set(EXPORTS)
+    if unknown:
+        raise ValueError(f"unknown exports {sorted(unknown)}; known: {sorted(EXPORTS)}")
+    sinks: dict[str, _TiffSink] = {}
     with _open_image(img_file) as dataset:
         _, height, width = dataset.shape
+
+        def export_strip(probs: np.ndarray) -> None:
+            for name, path in wanted.items():
+                function, dtype = EXPORTS[name]
+                if name not in sinks:  # opened with the first strip, after the image's checks
+                    sinks[name] = _TiffSink(path, (height, width, 1), dtype)
+                sinks[name].put(function(probs))
+
+        def finishing_exports(strips: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+            # the TIFF writer stops pulling after the last row, so the other exports are
+            # finished when it arrives, before the probabilities are complete
+            rows = 0
+            for strip in strips:
+                rows += strip.shape[0]
+                if rows == height:
+                    for sink in sinks.values():
+                        sink.close()
+                yield strip
+
         strips = iter_strips(dataset, classifier, selection, profile, source=str(img_file),
-                             strip_bytes=strip_bytes)
-        first = next(strips)  # checks the image before the output file is created
-        _write_tiff(out_file, (height, width, classifier.n_outputs),
-                    itertools.chain([first], strips))
+                             strip_bytes=strip_bytes, on_strip=export_strip if wanted else None)
+        try:
+            first = next(strips)  # checks the image before the output file is created
+            _write_tiff(out_file, (height, width, classifier.n_outputs),
+                        finishing_exports(itertools.chain([first], strips)))
+            for sink in sinks.values():
+                sink.commit()
+        finally:
+            for sink in sinks.values():
+                sink.abort()
 
 
 def load_project(ilp_path: str | os.PathLike) -> tuple[Classifier, FeatureSelection]:
