@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from skimage.transform import resize
 
 from steinpix._cli.main import main
-from steinpix.images import read_image
+from steinpix.images import read_image, read_image_shape
 
 from conftest import EXAMPLE, TEST_DATA
 from h5tree import describe
@@ -241,6 +241,24 @@ def test_image_shapes_and_dtypes(tmp_path, monkeypatch, shape, dtype):
     # integers are averaged in float64 (numpy's mean), then stored as float32
     np.testing.assert_array_equal(ours[0], (cyx.mean(axis=0) * 100).astype(np.float32))
     np.testing.assert_array_equal(ours[1:], cyx.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        ((60, 50), {}),
+        ((5, 60, 50), {}),
+        ((1, 5, 60, 50), {}),
+        ((5, 60, 50, 1), {}),
+        ((1, 1, 5, 60, 50), {"imagej": True}),
+        ((1, 1, 5, 60, 50), {"metadata": {"axes": "TZCYX"}, "ome": True}),
+    ],
+)
+def test_header_shape_is_the_shape_read(tmp_path, shape, kwargs):
+    """``read_image_shape`` (header only) agrees with the pixels, whatever tifffile release."""
+    path = tmp_path / "a.tiff"
+    tifffile.imwrite(path, np.zeros(shape, dtype=np.uint16), **kwargs)
+    assert read_image_shape(path) == read_image(path).shape == (5 if len(shape) > 2 else 1, 60, 50)
 
 
 # --- better than steinbock: errors are one line, name the file, and nothing half-written ---

@@ -120,12 +120,23 @@ def read_image(img_file: str | os.PathLike) -> np.ndarray:
     return _to_cyx(img_file, img)
 
 
+def _unsqueezed_shape(tif: tifffile.TiffFile) -> tuple[int, ...]:
+    """The shape ``imread(..., squeeze=False)`` returns, from the header only.
+
+    tifffile 2026.5.2 dropped ``TiffPageSeries.get_shape`` and made ``TiffFile.series``
+    callable (``tif.series(squeeze=False)``); older releases have only the former.
+    """
+    if callable(tif.series):
+        return tuple(tif.series(squeeze=False)[0].shape)
+    return tuple(tif.series[0].get_shape(False))
+
+
 def read_image_shape(img_file: str | os.PathLike) -> tuple[int, int, int]:
     """The (C, Y, X) shape of a steinbock image, read from its header only."""
     img_file = Path(img_file)
     try:
         with tifffile.TiffFile(img_file) as tif:
-            shape = tif.series[0].get_shape(False)
+            shape = _unsqueezed_shape(tif)
     except FileNotFoundError:
         raise SteinpixError(f"{img_file}: file not found") from None
     except Exception as e:
