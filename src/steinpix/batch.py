@@ -155,31 +155,39 @@ def load_model(ilp: str | os.PathLike) -> tuple:
     return model
 
 
-def choose_engine(engine: str, ilp: Path, ilastik: str | None) -> str:
+def choose_engine(
+    engine: str, ilp: Path, ilastik: str | None, profile: str = "auto"
+) -> tuple[str, str]:
     """Resolve ``--engine auto``: the built-in engine when it supports the project, else a
-    local ilastik when one is found; log which engine runs and why.
+    local ilastik when one is found; and ``--profile auto``: the arithmetic of the ilastik
+    version that saved the project. Log which engine (and arithmetic) runs and why.
 
     Returns
     -------
-    str
+    engine : str
         ``"builtin"``, ``"ilastik"`` or ``"docker"``. For ``"builtin"`` the project is loaded
         (:func:`load_model`) and checked.
+    profile : {"133", "14x"}
+        The built-in engine's arithmetic profile (:func:`steinpix.project.choose_profile`);
+        ``"133"`` when another engine runs.
     """
     if engine in ("ilastik", "docker"):
-        return engine
+        return engine, "133"
     try:
         load_model(ilp)
         why = ""
     except SteinpixError as e:
         why = str(e).removeprefix(f"{ilp}: ")  # messages below name it once
-    if engine == "builtin":
-        if why:
-            raise SteinpixError(f"{ilp}: {why} (the built-in engine does not train classifiers)")
-        logger.info("Engine: built-in (reproduces ilastik 1.3.3post3 without ilastik)")
-        return "builtin"
+    if engine == "builtin" and why:
+        raise SteinpixError(f"{ilp}: {why} (the built-in engine does not train classifiers)")
     if not why:
-        logger.info("Engine: built-in (the project stores vigra random forests)")
-        return "builtin"
+        from steinpix.project import PROFILE_RELEASES, choose_profile, read_ilastik_version
+
+        chosen, reason, warning = choose_profile(profile, read_ilastik_version(ilp))
+        if warning:
+            logger.warning("%s: %s", ilp, warning)
+        logger.info("Engine: built-in, %s arithmetic (%s)", PROFILE_RELEASES[chosen], reason)
+        return "builtin", chosen
     from steinpix.runners import find_ilastik
 
     try:
@@ -191,7 +199,7 @@ def choose_engine(engine: str, ilp: Path, ilastik: str | None) -> str:
             exit_code=2,
         ) from None
     logger.info("Engine: ilastik at %s (built-in engine: %s)", binary, why)
-    return "ilastik"
+    return "ilastik", "133"
 
 
 def prepare_outputs(job: Job) -> None:

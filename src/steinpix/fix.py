@@ -422,14 +422,7 @@ def write_patched_crop(crop: CropPlan, dst: Path) -> None:
 # --- the project ----------------------------------------------------------------------------
 
 
-def _text(obj) -> str | None:
-    """The text of a scalar string dataset, or None."""
-    if not isinstance(obj, h5py.Dataset) or obj.shape != ():
-        return None
-    value = obj[()]
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value if isinstance(value, str) else None
+_text = project.scalar_text
 
 
 def _read_lane(name: str, group: h5py.Group) -> Lane:
@@ -652,19 +645,7 @@ ILASTIK_PIXEL_ORDERS = (
 # order; all others in the order ilastik reorders the image to (and ilastik >= 1.4 adds the
 # block's axistags)
 ORIGINAL_ORDER_VERSIONS = ((1, 3, 3, 1, 2), (1, 4, 0, -2, 7))  # 1.3.3post2 to 1.4.0b7
-_STAGES = {"dev": -4, "a": -3, "alpha": -3, "b": -2, "beta": -2, "c": -1, "rc": -1, "post": 1}
-
-
-def version_key(version: str) -> tuple[int, int, int, int, int] | None:
-    """``1.4.0b7`` as ``(1, 4, 0, -2, 7)`` (pre-releases sort before, post-releases after)."""
-    match = re.match(
-        r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?(?:[.-]?(dev|alpha|beta|a|b|rc|c|post)[.-]?(\d*))?",
-        version.lower(),
-    )
-    if not match:
-        return None
-    major, minor, micro, stage, number = match.groups()
-    return (int(major), int(minor), int(micro or 0), _STAGES.get(stage or "", 0), int(number or 0))
+version_key = project.version_key
 
 
 def labels_in_original_order(version: str | None) -> bool:

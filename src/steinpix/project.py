@@ -8,6 +8,7 @@ variable-length ASCII (written from ``bytes``), a few are variable-length UTF-8 
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import h5py
 import numpy as np
 
 from steinpix.atomic import atomic_output
+from steinpix.errors import SteinpixError
 from steinpix.images import AXISTAGS, CROP_DATASET, DISPLAY_MODE, H5_LIBVER
 
 ILASTIK_VERSION = "1.3.3post3"
@@ -48,6 +50,121 @@ FEATURE_IDS = (
 SCALES = (0.3, 0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
 # steinbock's documentation recommends all six features at sigma >= 1 for IMC images
 SELECTED_SCALES = (1.0, 1.6, 3.5, 5.0, 10.0)
+
+
+# --- the ilastik version that saved a project, and the arithmetic that reproduces it -----------
+
+_STAGES = {"dev": -4, "a": -3, "alpha": -3, "b": -2, "beta": -2, "c": -1, "rc": -1, "post": 1}
+
+#: The built-in engine's arithmetic profiles (``--profile``), by the ilastik release each
+#: reproduces bit for bit (``features.PROFILES``)
+PROFILE_RELEASES = {"133": "ilastik 1.3.3post3", "14x": "ilastik 1.4.0"}
+
+
+def scalar_text(obj) -> str | None:
+    """The text of a scalar string dataset (bytes or str), or None."""
+    if not isinstance(obj, h5py.Dataset) or obj.shape != ():
+        return None
+    value = obj[()]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else None
+
+
+def version_key(version: str) -> tuple[int, int, int, int, int] | None:
+    """``1.4.0b7`` as ``(1, 4, 0, -2, 7)`` (pre-releases sort before, post-releases after).
+
+    Returns None when ``version`` does not start with ``major.minor``.
+    """
+    match = re.match(
+        r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?(?:[.-]?(dev|alpha|beta|a|b|rc|c|post)[.-]?(\d*))?",
+        version.lower(),
+    )
+    if not match:
+        return None
+    major, minor, micro, stage, number = match.groups()
+    return (int(major), int(minor), int(micro or 0), _STAGES.get(stage or "", 0), int(number or 0))
+
+
+def read_ilastik_version(project_file: str | os.PathLike) -> str | None:
+    """The ``ilastikVersion`` a project was saved with, as text.
+
+    Parameters
+    ----------
+    project_file : path
+        An ilastik project (``.ilp``).
+
+    Returns
+    -------
+    version : str or None
+        E.g. ``"1.4.0"`` or ``"1.3.3post3"``; None when the project has no scalar string
+        ``ilastikVersion``.
+
+    Raises
+    ------
+    SteinpixError
+        When the file cannot be opened as HDF5.
+    """
+    try:
+        with h5py.File(project_file, "r") as f:
+            return scalar_text(f.get("ilastikVersion"))
+    except OSError as e:
+        raise SteinpixError(f"{project_file}: not an ilastik project ({e})") from None
+
+
+def profile_for_version(version: str | None) -> str | None:
+    """The arithmetic profile that reproduces a project saved by ilastik ``version``.
+
+    ilastik 1.3.x (and older) ran fastfilters built with ``-Ofast``; ilastik 1.4 builds it
+    without, which rounds differently (``features.py``, spec section 5). The 1.4.0 pre-releases
+    belong to the 1.4 builds.
+
+    Parameters
+    ----------
+    version : str or None
+        The project's ``ilastikVersion``.
+
+    Returns
+    -------
+    profile : {"133", "14x"} or None
+        ``"133"`` below 1.4, ``"14x"`` from 1.4.0 (pre-releases included) on; None when
+        ``version`` is missing or not a version.
+    """
+    key = version_key(version) if version else None
+    if key is None:
+        return None
+    return "14x" if key[:2] >= (1, 4) else "133"
+
+
+def choose_profile(requested: str, version: str | None) -> tuple[str, str, str | None]:
+    """Resolve ``--profile auto|133|14x`` for a project saved by ilastik ``version``.
+
+    Parameters
+    ----------
+    requested : {"auto", "133", "14x"}
+    version : str or None
+        The project's ``ilastikVersion`` (:func:`read_ilastik_version`).
+
+    Returns
+    -------
+    profile : {"133", "14x"}
+    reason : str
+        Why, for the log: e.g. ``"project saved by ilastik 1.4.0"``.
+    warning : str or None
+        Set when ``auto`` could not read a version and fell back to ``"133"``.
+    """
+    saved = f"project saved by ilastik {version}" if version else "project has no ilastikVersion"
+    automatic = profile_for_version(version)
+    if requested != "auto":
+        return requested, f"--profile {requested}; {saved}", None
+    if automatic is not None:
+        return automatic, saved, None
+    what = "no ilastikVersion" if version is None else f"ilastikVersion {version!r}, not a version"
+    warning = (
+        f"the project has {what}: assuming {PROFILE_RELEASES['133']} "
+        "(pass --profile 14x for a project saved by ilastik 1.4 or later)"
+    )
+    return "133", f"{saved}, taken for {PROFILE_RELEASES['133']}", warning
 
 
 def _replace(group: h5py.Group, name: str, data) -> h5py.Dataset:

@@ -55,10 +55,11 @@ logger = logging.getLogger("steinpix")
 )
 @click.option(
     "--profile",
-    type=click.Choice(["133", "14x"]),
-    default="133",
+    type=click.Choice(["auto", "133", "14x"]),
+    default="auto",
     show_default=True,
-    help="Built-in engine arithmetic: ilastik 1.3.3post3 (steinbock's) or 1.4.x",
+    help="Built-in engine arithmetic: 133 = ilastik 1.3.3post3 (steinbock's), 14x = ilastik "
+    "1.4.0; auto: the one of the ilastik version that saved the project",
 )
 @click.option(
     "--chunk",
@@ -98,7 +99,7 @@ def run_cmd(
     img_files = images.list_h5_files(ilastik_img_dir)
     if not img_files:
         raise SteinpixError(f"{ilastik_img_dir}: no *.h5 images found")
-    chosen = batch.choose_engine(engine, ilp, ilastik_binary)
+    chosen, profile = batch.choose_engine(engine, ilp, ilastik_binary, profile)
     binary = None
     if chosen == "ilastik":
         from steinpix.runners import find_ilastik
