@@ -8,6 +8,7 @@ from steinpix import __version__
 from steinpix._cli.apps import apps_group
 from steinpix._cli.fix import fix_cmd
 from steinpix._cli.prepare import prepare_cmd
+from steinpix._cli.preview import preview_cmd
 from steinpix._cli.run import run_cmd
 
 
@@ -36,6 +37,7 @@ def ilastik_group() -> None:
 
 ilastik_group.add_command(prepare_cmd)
 ilastik_group.add_command(run_cmd)
+ilastik_group.add_command(preview_cmd)
 ilastik_group.add_command(fix_cmd)
 
 main.add_command(apps_group)
