@@ -25,6 +25,8 @@ from steinpix.outputs import is_finished, output_path
 logger = logging.getLogger("steinpix")
 
 ENGINES = ("auto", "builtin", "ilastik", "docker")
+# ilastik's exports besides the probabilities that a batch can write (steinpix.exports)
+EXPORT_NAMES = ("uncertainty", "segmentation")
 # Projects a process keeps loaded (a Dask worker may serve batches of several projects).
 MODEL_CACHE_SIZE = 4
 
@@ -51,6 +53,10 @@ class Job:
         The ilastik launcher for ``engine="ilastik"``.
     docker_image : str or None
         The image for ``engine="docker"``.
+    exports : tuple of (str, Path)
+        ilastik's other exports of every image and their folders: ``("uncertainty", dir)``,
+        ``("segmentation", dir)`` (``run --uncertainty/--segmentation``), computed in the same
+        pass as the probabilities by the built-in engine, one more ilastik call each otherwise.
     """
 
     ilp: Path
@@ -62,14 +68,31 @@ class Job:
     chunk: int | None = None
     ilastik: Path | None = None
     docker_image: str | None = None
+    exports: tuple[tuple[str, Path], ...] = ()
+
+    def __post_init__(self) -> None:
+        names = ["probabilities", *(name for name, _ in self.exports)]
+        unknown = set(names[1:]) - set(EXPORT_NAMES)
+        if unknown or len(set(names)) < len(names):
+            raise ValueError(f"exports must be distinct names of {EXPORT_NAMES}, got {names[1:]}")
+        seen: dict[Path, str] = {}
+        for name, folder in zip(names, self.output_dirs(), strict=True):
+            other = seen.setdefault(Path(folder).resolve(), name)
+            if other != name:
+                raise SteinpixError(
+                    f"{folder}: the folder of both the {other} and the {name}; "
+                    "give each output its own folder",
+                    exit_code=2,
+                )
 
     def outputs(self, img_file: str | os.PathLike) -> tuple[Path, ...]:
-        """Every file the batch writes for ``img_file``; the first is its probabilities."""
-        return (output_path(img_file, self.out_dir),)
+        """Every file the batch writes for ``img_file``; the first is its probabilities, then
+        the other exports in the order of :attr:`exports`."""
+        return tuple(output_path(img_file, folder) for folder in self.output_dirs())
 
     def output_dirs(self) -> tuple[Path, ...]:
         """The folders the outputs go to."""
-        return (self.out_dir,)
+        return (self.out_dir, *(folder for _, folder in self.exports))
 
     @property
     def strip_bytes(self) -> int | None:
@@ -264,6 +287,7 @@ def _classify_builtin(job: Job, img_file: Path) -> ImageResult:
             selection,
             profile=job.profile,
             strip_bytes=job.strip_bytes,
+            exports={name: output_path(img_file, folder) for name, folder in job.exports},
         )
     except SteinpixError as e:
         return ImageResult(img_file, outputs, str(e))
@@ -282,7 +306,7 @@ def _chunk_runner(job: Job, files: Sequence[Path]):
     runner = runners.docker_chunk_runner(
         job.ilp,
         files,
-        job.out_dir,
+        job.output_dirs(),
         image=job.docker_image or runners.DEFAULT_DOCKER_IMAGE,
         threads=job.threads,
         mem=job.mem,
@@ -317,7 +341,12 @@ def classify_task(job: Job, task: Task) -> list[ImageResult]:
     runner, name = _chunk_runner(job, task.files)
     start = time.perf_counter()
     failed = runners.classify_chunk(
-        task.files, job.out_dir, runner, label=task.label or "chunk", engine=name
+        task.files,
+        job.out_dir,
+        runner,
+        label=task.label or "chunk",
+        engine=name,
+        exports=dict(job.exports),
     )
     seconds = time.perf_counter() - start
     return [

@@ -49,7 +49,32 @@ CONTAINER_HOME = "/tmp"
 # Seconds ilastik gets to stop after SIGINT, then again after SIGTERM, before SIGKILL.
 STOP_GRACE_S = 10.0
 
-ChunkRunner = Callable[[list[Path], Path], int]
+ChunkRunner = Callable[..., int]
+"""``run_chunk(files, tmp_dir, export="probabilities")``: runs ilastik's export ``export``
+(a key of :data:`EXPORT_ARGS`) of ``files`` into ``tmp_dir``; returns ilastik's exit code."""
+
+# ilastik's export arguments per output: steinbock's for the probabilities, and the same form
+# for the uncertainty and the simple segmentation (steinpix.exports says what they hold).
+EXPORT_ARGS = {
+    "probabilities": (
+        "--export_source=Probabilities",
+        "--export_dtype=uint16",
+        "--pipeline_result_drange=(0.0,1.0)",
+        "--export_drange=(0,65535)",
+    ),
+    "uncertainty": (
+        "--export_source=Uncertainty",
+        "--export_dtype=uint16",
+        "--pipeline_result_drange=(0.0,1.0)",
+        "--export_drange=(0,65535)",
+    ),
+    "segmentation": (
+        "--export_source=Simple Segmentation",
+        "--export_dtype=uint8",
+        "--pipeline_result_drange=(0,255)",
+        "--export_drange=(0,255)",
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,25 +177,29 @@ def headless_args(
     ilp: str | os.PathLike,
     img_files: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
+    export: str = "probabilities",
 ) -> list[str]:
     """ilastik's command-line arguments (without the binary), exactly as steinbock builds them.
 
     Probabilities of each ``<file>.h5/img`` are exported as YXC uint16 TIFFs
     ``<out_dir>/<stem>-img.tiff`` (``{nickname}`` is ``<stem>-img``), scaled from (0, 1) to
-    (0, 65535).
+    (0, 65535). ``export="uncertainty"`` or ``"segmentation"`` asks for ilastik's
+    ``Uncertainty`` (uint16, scaled the same way) or ``Simple Segmentation`` (uint8 labels)
+    instead, with the same file names (:data:`EXPORT_ARGS`).
     """
+    source, dtype, pipeline_drange, export_drange = EXPORT_ARGS[export]
     args = [
         "--headless",
         f"--project={ilp}",
         "--readonly",
         "--input_axes=cyx",
-        "--export_source=Probabilities",
+        source,
         "--output_format=tiff",
         f"--output_filename_format={_join(out_dir, '{nickname}.tiff')}",
-        "--export_dtype=uint16",
+        dtype,
         "--output_axis_order=yxc",
-        "--pipeline_result_drange=(0.0,1.0)",
-        "--export_drange=(0,65535)",
+        pipeline_drange,
+        export_drange,
     ]
     args += [str(_join(img_file, IMG_DATASET)) for img_file in img_files]
     return args
@@ -347,19 +376,24 @@ def _names(files: Sequence[Path]) -> str:
     return ", ".join(f.name for f in files)
 
 
-def _collect_outputs(files: Sequence[Path], tmp_dir: Path, out_dir: Path) -> list[Path]:
-    """Move each image's finished ilastik output into place; return the images without one."""
-    missing = []
+def _collect_outputs(
+    files: Sequence[Path], tmp_dirs: Mapping[str, Path], out_dirs: Mapping[str, Path]
+) -> dict[Path, list[str]]:
+    """Move the outputs of every image that got all of them into place; return the others
+    with the outputs they lack."""
+    missing = {}
     for img_file in files:
-        produced = tmp_dir / ilastik_output_name(img_file)
-        if not produced.is_file():
-            missing.append(img_file)
+        produced = {name: tmp_dirs[name] / ilastik_output_name(img_file) for name in tmp_dirs}
+        lacking = [name for name, path in produced.items() if not path.is_file()]
+        if lacking:
+            missing[img_file] = lacking
             continue
-        # same folder, so the rename is atomic: <out>/<stem>.tiff is either old or complete
-        os.replace(produced, out_dir / output_name(img_file))
-    if missing:
+        for name, path in produced.items():
+            # same folder, so the rename is atomic: <out>/<stem>.tiff is either old or complete
+            os.replace(path, out_dirs[name] / output_name(img_file))
+    for img_file, lacking in missing.items():
         logger.error(
-            "ilastik exited with code 0 but wrote no probabilities for %s", _names(missing)
+            "ilastik exited with code 0 but wrote no %s for %s", " or ".join(lacking), img_file.name
         )
     return missing
 
@@ -371,12 +405,16 @@ def classify_chunk(
     *,
     label: str = "chunk",
     engine: str = "ilastik",
+    exports: Mapping[str, str | os.PathLike] | None = None,
 ) -> dict[Path, str]:
-    """Run ``run_chunk(files, tmp_dir)`` once and move its finished outputs into ``out_dir``.
+    """Run ilastik once per output on a chunk and move the finished outputs into place.
 
-    The chunk writes into a fresh hidden folder ``<out_dir>/.steinpix-<pid>-XXXX/`` that is
-    removed afterwards in all cases (failure, Ctrl-C). A chunk that returns non-zero counts as
-    failed for all its images, since ilastik may have stopped in the middle of writing one.
+    ``run_chunk(files, tmp_dir)`` exports the probabilities, then ``run_chunk(files, tmp_dir,
+    name)`` each of ``exports`` (one more ilastik call each). Every call writes into a fresh
+    hidden folder ``<its output folder>/.steinpix-<pid>-XXXX/`` that is removed afterwards in
+    all cases (failure, Ctrl-C). A call that returns non-zero fails the chunk for all its
+    images (ilastik may have stopped in the middle of writing one), and nothing of the chunk
+    is moved into place; nor is anything of an image that lacks one of its outputs.
 
     Parameters
     ----------
@@ -385,9 +423,12 @@ def classify_chunk(
     out_dir
         An existing folder for the ``<stem>.tiff`` outputs.
     run_chunk
-        Runs ilastik on ``files`` with ``tmp_dir`` as export folder; returns its exit code.
+        A :data:`ChunkRunner`.
     label, engine
         Name the chunk and the engine in the log.
+    exports
+        More outputs: ``{"uncertainty": folder, "segmentation": folder}`` (either or both;
+        existing folders).
 
     Returns
     -------
@@ -395,25 +436,39 @@ def classify_chunk(
         The images without an output, with the reason (failures are logged, not raised).
     """
     files = [Path(f) for f in files]
-    out_dir = Path(out_dir)
+    out_dirs = {"probabilities": Path(out_dir), **{k: Path(v) for k, v in (exports or {}).items()}}
     logger.info("%s: %s (%d images: %s)", engine, label, len(files), _names(files))
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=out_dir))
+    tmp_dirs: dict[str, Path] = {}
     try:
-        code = run_chunk(files, tmp_dir)
-        if code != 0:
-            logger.error(
-                "%s failed on %s (%s); no probabilities written for %s",
-                engine,
-                label,
-                describe_exit(code),
-                _names(files),
+        for name, folder in out_dirs.items():
+            tmp_dirs[name] = Path(
+                tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=folder)
             )
-            reason = f"{engine} failed on {label} ({describe_exit(code)})"
-            return {f: reason for f in files}
-        missing = _collect_outputs(files, tmp_dir, out_dir)
-        return {f: f"{engine} exited with code 0 but wrote no probabilities" for f in missing}
+            if name == "probabilities":
+                code = run_chunk(files, tmp_dirs[name])
+            else:
+                logger.info("%s: %s, %s export", engine, label, name)
+                code = run_chunk(files, tmp_dirs[name], name)
+            if code != 0:
+                what = "" if name == "probabilities" else f"{name} export, "
+                logger.error(
+                    "%s failed on %s (%s%s); nothing written for %s",
+                    engine,
+                    label,
+                    what,
+                    describe_exit(code),
+                    _names(files),
+                )
+                reason = f"{engine} failed on {label} ({what}{describe_exit(code)})"
+                return {f: reason for f in files}
+        missing = _collect_outputs(files, tmp_dirs, out_dirs)
+        return {
+            f: f"{engine} exited with code 0 but wrote no {' or '.join(lacking)}"
+            for f, lacking in missing.items()
+        }
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        for tmp_dir in tmp_dirs.values():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def run_chunks(
@@ -423,19 +478,29 @@ def run_chunks(
     *,
     chunk: int | None = None,
     engine: str = "ilastik",
+    exports: Mapping[str, str | os.PathLike] | None = None,
 ) -> list[Path]:
-    """:func:`classify_chunk` for each chunk of ``img_files``; returns the failed images."""
+    """:func:`classify_chunk` for each chunk of ``img_files``; returns the failed images.
+
+    The output folders (``out_dir`` and those of ``exports``) are created if missing.
+    """
     img_files = [Path(f) for f in img_files]
     groups = split_chunks(img_files, chunk)
     if not groups:
         return []
     check_unique_stems(img_files)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, *(exports or {}).values()):
+        Path(folder).mkdir(parents=True, exist_ok=True)
     failed: list[Path] = []
     for i, files in enumerate(groups, start=1):
         failed += classify_chunk(
-            files, out_dir, run_chunk, label=f"chunk {i}/{len(groups)}", engine=engine
+            files,
+            out_dir,
+            run_chunk,
+            label=f"chunk {i}/{len(groups)}",
+            engine=engine,
+            exports=exports,
         )
     return failed
 
@@ -453,6 +518,7 @@ def run_ilastik(
     threads: int | None = None,
     mem: int | None = None,
     chunk: int | None = None,
+    exports: Mapping[str, str | os.PathLike] | None = None,
 ) -> list[Path]:
     """Classify ``img_files`` (steinbock ``.h5`` images) with a local ilastik binary.
 
@@ -470,6 +536,9 @@ def run_ilastik(
         ``LAZYFLOW_THREADS`` and ``LAZYFLOW_TOTAL_RAM_MB`` (MiB), when given.
     chunk
         Images per ilastik call; None runs all in one call, like steinbock.
+    exports
+        More outputs, each one more ilastik call per chunk: ``{"uncertainty": folder,
+        "segmentation": folder}`` (either or both), see :func:`classify_chunk`.
 
     Returns
     -------
@@ -484,7 +553,9 @@ def run_ilastik(
         After ilastik was stopped and the temporary files removed.
     """
     run_chunk = ilastik_chunk_runner(ilastik, ilp, threads=threads, mem=mem)
-    return run_chunks(img_files, out_dir, run_chunk, chunk=chunk, engine="ilastik")
+    return run_chunks(
+        img_files, out_dir, run_chunk, chunk=chunk, engine="ilastik", exports=exports
+    )
 
 
 def ilastik_chunk_runner(
@@ -499,8 +570,8 @@ def ilastik_chunk_runner(
     # absolute paths: ilastik resolves a relative export path against the project's folder
     ilp_abs = Path(ilp).absolute()
 
-    def run_chunk(files: list[Path], tmp_dir: Path) -> int:
-        args = headless_args(ilp_abs, [f.absolute() for f in files], tmp_dir.absolute())
+    def run_chunk(files: list[Path], tmp_dir: Path, export: str = "probabilities") -> int:
+        args = headless_args(ilp_abs, [f.absolute() for f in files], tmp_dir.absolute(), export)
         logger.debug("Running %s %s", ilastik, " ".join(args))
         try:
             return run_process([ilastik, *args], env, stdout=_stderr_fd())
@@ -711,6 +782,7 @@ def run_docker(
     chunk: int | None = None,
     client: Any = None,
     data_dir: str | os.PathLike | None = None,
+    exports: Mapping[str, str | os.PathLike] | None = None,
 ) -> list[Path]:
     """Classify ``img_files`` with ilastik inside the steinpix Docker image.
 
@@ -727,8 +799,8 @@ def run_docker(
         A Docker client (default ``docker.from_env()``); tests pass a stand-in.
     data_dir
         The folder to mount at ``/data``.
-    ilp, img_files, out_dir, threads, mem, chunk
-        As for :func:`run_ilastik`.
+    ilp, img_files, out_dir, threads, mem, chunk, exports
+        As for :func:`run_ilastik`; the export folders must lie inside the data directory too.
 
     Returns
     -------
@@ -747,20 +819,22 @@ def run_docker(
     run_chunk = docker_chunk_runner(
         ilp,
         img_files,
-        out_dir,
+        [out_dir, *(exports or {}).values()],
         image=image,
         threads=threads,
         mem=mem,
         client=client,
         data_dir=data_dir,
     )
-    return run_chunks(img_files, out_dir, run_chunk, chunk=chunk, engine="ilastik (Docker)")
+    return run_chunks(
+        img_files, out_dir, run_chunk, chunk=chunk, engine="ilastik (Docker)", exports=exports
+    )
 
 
 def docker_chunk_runner(
     ilp: str | os.PathLike,
     img_files: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     image: str = DEFAULT_DOCKER_IMAGE,
     threads: int | None = None,
@@ -769,19 +843,23 @@ def docker_chunk_runner(
     data_dir: str | os.PathLike | None = None,
 ) -> ChunkRunner:
     """A :data:`ChunkRunner` that runs ilastik in a container (see :func:`run_docker`), for
-    chunks of ``img_files``; checks the paths, the daemon and the image first."""
+    chunks of ``img_files``; checks the paths, the daemon and the image first. ``out_dir`` may
+    be a list of output folders (probabilities and other exports)."""
     img_files = [Path(f) for f in img_files]
     mount = DataMount(data_dir)
     c_ilp = mount.container_path(ilp)
     c_imgs = {f: mount.container_path(f) for f in img_files}
-    mount.container_path(out_dir)  # only checked here: the caller creates it
+    out_dirs = [out_dir] if isinstance(out_dir, (str, os.PathLike)) else list(out_dir)
+    for folder in out_dirs:
+        mount.container_path(folder)  # only checked here: the caller creates them
     client = docker_client(client)
     require_image(client, image)
     environment = {"HOME": CONTAINER_HOME, **lazyflow_env(threads, mem)}
     user = container_user(client)
 
-    def run_chunk(files: list[Path], tmp_dir: Path) -> int:
-        args = headless_args(c_ilp, [c_imgs[f] for f in files], mount.container_path(tmp_dir))
+    def run_chunk(files: list[Path], tmp_dir: Path, export: str = "probabilities") -> int:
+        c_tmp = mount.container_path(tmp_dir)
+        args = headless_args(c_ilp, [c_imgs[f] for f in files], c_tmp, export)
         logger.debug("Running %s in %s: %s", CONTAINER_ILASTIK, image, " ".join(args))
         return run_container(
             client,
