@@ -146,3 +146,47 @@ def test_console_script_runs_the_builtin_engine(workdir):
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3
+
+
+def test_uncertainty_and_segmentation_in_the_same_run(workdir):
+    result = run("--uncertainty", "unc", "--segmentation", "seg")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (REF / "ilastik_probabilities").iterdir())
+    assert result.stdout.splitlines() == [
+        f"{folder}/{name}" for name in names for folder in ("ilastik_probabilities", "unc", "seg")
+    ]
+    for name in names:
+        probs = tifffile.imread(workdir / "ilastik_probabilities" / name)
+        np.testing.assert_array_equal(probs, tifffile.imread(REF / "ilastik_probabilities" / name))
+        unc = tifffile.imread(workdir / "unc" / name)
+        seg = tifffile.imread(workdir / "seg" / name)
+        assert unc.dtype == np.uint16 and seg.dtype == np.uint8
+        assert unc.shape == seg.shape == probs.shape[:2]
+        # the most probable class of ilastik's own probabilities, the first one on ties
+        np.testing.assert_array_equal(seg, np.argmax(probs, axis=-1) + 1)
+        ranked = np.sort(probs, axis=-1).astype(np.int64)
+        assert np.abs(unc - (65535 - (ranked[..., -1] - ranked[..., -2]))).max() <= 2
+
+
+def test_rerun_rule_covers_every_requested_output(workdir):
+    args = ("--uncertainty", "unc", "--segmentation", "seg")
+    assert run(*args).exit_code == 0
+    name = "20210305_NE_mockData1_003.tiff"
+    stale = workdir / "unc" / name
+    img = workdir / "ilastik_img" / name.replace(".tiff", ".h5")
+    os.utime(stale, ns=(img.stat().st_mtime_ns - 10**9,) * 2)  # older than its image
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"ilastik_probabilities/{name}", f"unc/{name}", f"seg/{name}"
+    ]
+    (workdir / "seg" / name).unlink()
+    assert run("--uncertainty", "unc").stdout == ""  # the segmentation is not asked for
+    assert len(run(*args).stdout.splitlines()) == 3
+
+
+def test_export_folder_must_not_be_the_probabilities_folder(workdir):
+    result = run("--uncertainty", "ilastik_probabilities")
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "own folder" in result.output
+    assert not (workdir / "ilastik_probabilities").exists()

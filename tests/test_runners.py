@@ -750,3 +750,184 @@ def test_cli_engine_docker(cli, docker_sdk, project, monkeypatch):
     assert out_names(project) == [f"img_{i}.tiff" for i in range(1, 6)]
     (container,) = client.containers.created
     assert container.settings["command"][1] == "--project=/data/pixel_classifier.ilp"
+
+
+# --------------------------------------------------------------------------------------------
+# ilastik's other exports: Uncertainty and Simple Segmentation
+
+
+def test_headless_args_of_the_other_exports():
+    args = {
+        export: runners.headless_args(Path("p.ilp"), [Path("i/a.h5")], Path("o"), export)
+        for export in ("uncertainty", "segmentation")
+    }
+    common = ["--headless", "--project=p.ilp", "--readonly", "--input_axes=cyx"]
+    out = ["--output_format=tiff", "--output_filename_format=o/{nickname}.tiff"]
+    assert args["uncertainty"] == [
+        *common,
+        "--export_source=Uncertainty",
+        *out,
+        "--export_dtype=uint16",
+        "--output_axis_order=yxc",
+        "--pipeline_result_drange=(0.0,1.0)",
+        "--export_drange=(0,65535)",
+        "i/a.h5/img",
+    ]
+    assert args["segmentation"] == [
+        *common,
+        "--export_source=Simple Segmentation",
+        *out,
+        "--export_dtype=uint8",
+        "--output_axis_order=yxc",
+        "--pipeline_result_drange=(0,255)",
+        "--export_drange=(0,255)",
+        "i/a.h5/img",
+    ]
+
+
+def export_dirs(project: Path) -> dict[str, Path]:
+    return {"uncertainty": project / "unc", "segmentation": project / "seg"}
+
+
+def test_run_ilastik_other_exports_one_call_each(fake, project):
+    files = images(project)[:3]
+    exports = export_dirs(project)
+    failed = runners.run_ilastik(
+        fake.path, project / "pixel_classifier.ilp", files, project / "out", exports=exports
+    )
+    assert failed == []
+    calls = fake.calls()
+    assert len(calls) == 3
+    sources = {"probabilities": "Probabilities", "uncertainty": "Uncertainty",
+               "segmentation": "Simple Segmentation"}
+    for call, (export, folder) in zip(
+        calls, {"probabilities": project / "out", **exports}.items(), strict=True
+    ):
+        fmt = next(a for a in call["argv"] if a.startswith("--output_filename_format="))
+        tmp_dir = Path(fmt.split("=", 1)[1]).parent
+        # each export into a hidden folder inside its own output folder
+        assert tmp_dir.parent == folder and tmp_dir.name.startswith(".steinpix-")
+        assert call["argv"] == runners.headless_args(
+            project / "pixel_classifier.ilp", files, tmp_dir, export
+        )
+        assert sorted(p.name for p in folder.iterdir()) == [f"img_{i}.tiff" for i in (1, 2, 3)]
+        for output in folder.iterdir():
+            assert output.read_bytes() == fake.tiffs[sources[export]].read_bytes()
+
+
+def test_run_ilastik_failing_export_fails_its_chunk(fake, project, log_records):
+    files = images(project)
+    exports = export_dirs(project)
+    fake.configure(fail_on_source=["Uncertainty"], fail_code=5)
+    failed = runners.run_ilastik(
+        fake.path, project / "pixel_classifier.ilp", files, project / "out", chunk=2,
+        exports=exports,
+    )
+    assert failed == files
+    # per chunk: probabilities, then the uncertainty fails: no segmentation call
+    sources = [[a for a in c["argv"] if a.startswith("--export_source=")] for c in fake.calls()]
+    assert sources == [["--export_source=Probabilities"], ["--export_source=Uncertainty"]] * 3
+    # nothing of a failed chunk is moved into place, not even its probabilities
+    for folder in (project / "out", *exports.values()):
+        assert list(folder.iterdir()) == []
+    errors = [r.getMessage() for r in log_records if r.levelno == logging.ERROR]
+    assert len(errors) == 3
+    assert "uncertainty export" in errors[0] and "exit code 5" in errors[0]
+
+
+def test_run_ilastik_failing_probabilities_skip_the_other_exports(fake, project):
+    files = images(project)
+    fake.configure(fail_on=["img_4"])
+    failed = runners.run_ilastik(
+        fake.path, project / "pixel_classifier.ilp", files, project / "out", chunk=2,
+        exports=export_dirs(project),
+    )
+    assert failed == files[2:4]
+    assert len(fake.calls()) == 3 + 1 + 3
+    for folder in (project / "out", *export_dirs(project).values()):
+        assert sorted(p.name for p in folder.iterdir()) == [f"img_{i}.tiff" for i in (1, 2, 5)]
+        assert leftovers(folder) == []
+
+
+def test_run_ilastik_image_without_an_export_gets_nothing(fake, project, log_records):
+    fake.configure(no_output=["img_2"])
+    files = images(project)[:3]
+    failed = runners.run_ilastik(
+        fake.path, project / "pixel_classifier.ilp", files, project / "out",
+        exports={"segmentation": project / "seg"},
+    )
+    assert failed == [files[1]]
+    for folder in (project / "out", project / "seg"):
+        assert sorted(p.name for p in folder.iterdir()) == ["img_1.tiff", "img_3.tiff"]
+    assert any("img_2.h5" in r.getMessage() and "segmentation" in r.getMessage()
+               for r in log_records if r.levelno == logging.ERROR)
+
+
+def test_run_docker_other_exports(docker_sdk, project):
+    client = exporting_client(project)
+    files = images(project)[:2]
+    failed = runners.run_docker(
+        project / "pixel_classifier.ilp", files, project / "o", client=client,
+        data_dir=project, exports=export_dirs(project),
+    )
+    assert failed == []
+    commands = [c.settings["command"] for c in client.containers.created]
+    assert [c[4] for c in commands] == [
+        "--export_source=Probabilities",
+        "--export_source=Uncertainty",
+        "--export_source=Simple Segmentation",
+    ]
+    assert [PurePosixPath(c[6].split("=", 1)[1]).parent.parent for c in commands] == [
+        PurePosixPath("/data/o"), PurePosixPath("/data/unc"), PurePosixPath("/data/seg")
+    ]
+    for folder in (project / "o", *export_dirs(project).values()):
+        assert (folder / "img_2.tiff").read_bytes() == b"tiff from img_2"
+        assert leftovers(folder) == []
+
+
+def test_run_docker_export_folder_outside_data_dir(docker_sdk, project, tmp_path):
+    client = exporting_client(project)
+    with pytest.raises(SteinpixError, match="outside the data directory"):
+        runners.run_docker(
+            project / "pixel_classifier.ilp", images(project), project / "o", client=client,
+            data_dir=project, exports={"uncertainty": tmp_path / "elsewhere"},
+        )
+    assert client.containers.created == []
+
+
+def test_cli_other_exports_with_ilastik_and_rerun(cli, fake, project):
+    args = ("--engine", "ilastik", "--ilastik", str(fake.path),
+            "--uncertainty", "unc", "--segmentation", "seg")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert len(fake.calls()) == 3
+    names = [f"img_{i}.tiff" for i in range(1, 6)]
+    for folder in ("ilastik_probabilities", "unc", "seg"):
+        assert sorted(p.name for p in (project / folder).iterdir()) == names
+    assert result.stdout.splitlines()[:3] == [
+        "ilastik_probabilities/img_1.tiff", "unc/img_1.tiff", "seg/img_1.tiff"
+    ]
+
+    # a missing export makes its image pending again, with every requested output
+    (project / "seg" / "img_4.tiff").unlink()
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    rerun = fake.calls()[3:]
+    assert len(rerun) == 3
+    for call in rerun:
+        assert [a for a in call["argv"] if not a.startswith("--")] == [
+            f"{project.resolve() / 'ilastik_img' / 'img_4.h5'}/img"
+        ]
+    # without the option, the segmentation is not asked for: nothing is pending
+    (project / "seg" / "img_4.tiff").unlink()
+    result = cli("--engine", "ilastik", "--ilastik", str(fake.path), "--uncertainty", "unc")
+    assert result.exit_code == 0 and len(fake.calls()) == 6
+
+
+def test_cli_export_folder_must_differ_from_the_probabilities(cli, fake, project):
+    result = cli("--engine", "ilastik", "--ilastik", str(fake.path),
+                 "--segmentation", "ilastik_probabilities/")
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert "both the probabilities and the segmentation" in result.output
+    assert fake.calls() == []

@@ -71,19 +71,7 @@ class Job:
     exports: tuple[tuple[str, Path], ...] = ()
 
     def __post_init__(self) -> None:
-        names = ["probabilities", *(name for name, _ in self.exports)]
-        unknown = set(names[1:]) - set(EXPORT_NAMES)
-        if unknown or len(set(names)) < len(names):
-            raise ValueError(f"exports must be distinct names of {EXPORT_NAMES}, got {names[1:]}")
-        seen: dict[Path, str] = {}
-        for name, folder in zip(names, self.output_dirs(), strict=True):
-            other = seen.setdefault(Path(folder).resolve(), name)
-            if other != name:
-                raise SteinpixError(
-                    f"{folder}: the folder of both the {other} and the {name}; "
-                    "give each output its own folder",
-                    exit_code=2,
-                )
+        check_output_dirs(self.out_dir, self.exports)
 
     def outputs(self, img_file: str | os.PathLike) -> tuple[Path, ...]:
         """Every file the batch writes for ``img_file``; the first is its probabilities, then
@@ -148,6 +136,32 @@ ResultCallback = Callable[[int, int, ImageResult], None]
 
 _models: dict[tuple[str, int, int], tuple] = {}
 _models_lock = threading.Lock()
+
+
+def check_output_dirs(out_dir: Path, exports: Iterable[tuple[str, Path]]) -> None:
+    """Fail (exit code 2) unless the probabilities and every export have their own folder:
+    all of them name an image's output ``<stem>.tiff``.
+
+    Parameters
+    ----------
+    out_dir : Path
+        The probabilities' folder.
+    exports : iterable of (str, Path)
+        As :attr:`Job.exports`; names from :data:`EXPORT_NAMES`, each at most once.
+    """
+    outputs = [("probabilities", Path(out_dir)), *((name, Path(d)) for name, d in exports)]
+    names = [name for name, _ in outputs]
+    if set(names[1:]) - set(EXPORT_NAMES) or len(set(names)) < len(names):
+        raise ValueError(f"exports must be distinct names of {EXPORT_NAMES}, got {names[1:]}")
+    seen: dict[Path, str] = {}
+    for name, folder in outputs:
+        other = seen.setdefault(folder.resolve(), name)
+        if other != name:
+            raise SteinpixError(
+                f"{folder}: would hold both the {other} and the {name} (each named "
+                "<image>.tiff); give each output its own folder",
+                exit_code=2,
+            )
 
 
 def load_model(ilp: str | os.PathLike) -> tuple:

@@ -30,6 +30,17 @@ def write_probabilities_tiff(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def write_export_tiffs(directory: Path, seed: int = 0) -> dict[str, Path]:
+    """Tiny Y x X TIFFs like ilastik's Uncertainty (uint16) and Simple Segmentation (uint8)
+    exports, by export source."""
+    rng = np.random.default_rng(seed)
+    uncertainty = directory / "uncertainty.tiff"
+    tifffile.imwrite(uncertainty, rng.integers(0, 65535, size=(4, 5), dtype=np.uint16))
+    segmentation = directory / "segmentation.tiff"
+    tifffile.imwrite(segmentation, rng.integers(1, 4, size=(4, 5), dtype=np.uint8))
+    return {"Uncertainty": uncertainty, "Simple Segmentation": segmentation}
+
+
 def _make_executable(path: Path) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
@@ -63,11 +74,13 @@ class FakeIlastik:
         else:
             self.path = program
         self.tiff = write_probabilities_tiff(self.dir / "probabilities.tiff")
+        self.tiffs = {"Probabilities": self.tiff, **write_export_tiffs(self.dir)}
         self.configure()
 
     def configure(self, **config: Any) -> FakeIlastik:
         """Set the behaviours (see fake_ilastik.py); resets the ones not given."""
-        config = {"tiff": str(self.tiff), **config}
+        tiffs = {source: str(path) for source, path in self.tiffs.items()}
+        config = {"tiff": str(self.tiff), "tiffs": tiffs, **config}
         (self.dir / "fake_ilastik.json").write_text(json.dumps(config), encoding="utf-8")
         return self
 

@@ -2,9 +2,11 @@
 # an executable with a "#!<python>" line (see __init__.py); it uses the standard library only.
 #
 # It appends one JSON line per call to calls.jsonl (argv, environment, process ids) and exports
-# "probabilities" the way ilastik names them: <output_filename_format> with {nickname} replaced by
-# "<h5 stem>-<internal path>", by copying the bytes of config["tiff"]. Behaviours come from
-# fake_ilastik.json beside this file:
+# the way ilastik names its outputs: <output_filename_format> with {nickname} replaced by
+# "<h5 stem>-<internal path>", by copying the bytes of config["tiffs"][<--export_source>]
+# (config["tiff"] for Probabilities). Like ilastik's pixel classification it knows only the export
+# sources of EXPORT_SOURCES (others: exit 2). Behaviours come from fake_ilastik.json beside this
+# file:
 #   fail_on: [stem, ...]     exit config["fail_code"] (1) when reaching that image, after
 #                            writing the outputs of the images before it (like a crash)
 #   slow_on: [stem, ...]     write half an output, touch started-<pid>, then sleep until killed;
@@ -12,6 +14,7 @@
 #   ignore_signals: bool     ignore SIGINT and SIGTERM (only SIGKILL stops it)
 #   no_output: [stem, ...]   exit 0 without writing that image's output
 #   exit_code: int           exit code at the end (default 0)
+#   fail_on_source: [source, ...]  exit config["fail_code"] (1) at once when asked for that export
 import json
 import os
 import signal
@@ -20,6 +23,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# ilastik 1.3.3post3's pixel-classification export sources (PixelClassificationWorkflow)
+EXPORT_SOURCES = ("Probabilities", "Simple Segmentation", "Uncertainty", "Features", "Labels")
 
 
 def record() -> None:
@@ -35,10 +40,11 @@ def record() -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def parse(argv: list[str]) -> tuple[str | None, list[str]]:
+def parse(argv: list[str]) -> tuple[str | None, str, list[str]]:
     options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     inputs = [a for a in argv if not a.startswith("--")]
-    return options.get("output_filename_format"), inputs
+    source = options.get("export_source", "Probabilities")
+    return options.get("output_filename_format"), source, inputs
 
 
 def nickname(dataset_path: str) -> tuple[Path, str]:
@@ -67,10 +73,16 @@ def main() -> int:
     if "--headless" not in sys.argv[1:]:
         print("fake ilastik: GUI", sys.argv[1:])
         return int(config.get("exit_code", 0))
-    output_format, inputs = parse(sys.argv[1:])
+    output_format, source, inputs = parse(sys.argv[1:])
     if output_format is None:  # like ilastik: nothing to export, start and quit
         return int(config.get("exit_code", 0))
-    tiff = Path(config["tiff"]).read_bytes()
+    if source not in EXPORT_SOURCES:
+        print(f"fake ilastik: unknown export source {source!r}", file=sys.stderr)
+        return 2
+    if source in config.get("fail_on_source", []):
+        print(f"fake ilastik: failing on the {source} export", file=sys.stderr)
+        return int(config.get("fail_code", 1))
+    tiff = Path(config.get("tiffs", {}).get(source, config["tiff"])).read_bytes()
     for dataset_path in inputs:
         h5_path, name = nickname(dataset_path)
         if not h5_path.is_file():

@@ -34,6 +34,21 @@ logger = logging.getLogger("steinpix")
     help="Path to the Ilastik probabilities output directory",
 )
 @click.option(
+    "--uncertainty",
+    "uncertainty_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write ilastik's Uncertainty export (uint16, Y x X) into this directory",
+)
+@click.option(
+    "--segmentation",
+    "segmentation_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write ilastik's Simple Segmentation export (uint8 labels 1..classes, Y x X) "
+    "into this directory",
+)
+@click.option(
     "--threads",
     "num_threads",
     type=click.IntRange(min=0),
@@ -85,6 +100,8 @@ def run_cmd(
     ilastik_project_file: str,
     ilastik_img_dir: str,
     ilastik_probab_dir: str,
+    uncertainty_dir: str | None,
+    segmentation_dir: str | None,
     num_threads: int | None,
     memory_limit: int | None,
     engine: str,
@@ -99,6 +116,9 @@ def run_cmd(
     img_files = images.list_h5_files(ilastik_img_dir)
     if not img_files:
         raise SteinpixError(f"{ilastik_img_dir}: no *.h5 images found")
+    requested = {"uncertainty": uncertainty_dir, "segmentation": segmentation_dir}
+    exports = tuple((name, Path(d)) for name, d in requested.items() if d is not None)
+    batch.check_output_dirs(Path(ilastik_probab_dir), exports)
     chosen, profile = batch.choose_engine(engine, ilp, ilastik_binary, profile)
     binary = None
     if chosen == "ilastik":
@@ -116,6 +136,7 @@ def run_cmd(
         chunk=chunk,
         ilastik=binary,
         docker_image=docker_image,
+        exports=exports,
     )
     batch.prepare_outputs(job)
     pending = batch.pending_images(job, img_files, overwrite)
@@ -124,7 +145,8 @@ def run_cmd(
 
     def report(i: int, n: int, result: batch.ImageResult) -> None:
         if result.ok:
-            click.echo(result.outputs[0])
+            for output in result.outputs:
+                click.echo(output)
 
     failed = batch.run_batch(job, pending, on_result=report)
     if failed:
