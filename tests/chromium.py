@@ -7,6 +7,7 @@ Used by the preview's browser test and by ``docs/make_screenshot.py``.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -40,6 +41,13 @@ def find_chromium() -> str | None:
     return next((p for p in map(shutil.which, BINARIES) if p), None)
 
 
+def _above(fd: int, lowest: int) -> int:
+    """``fd`` moved to a descriptor >= ``lowest`` (close-on-exec), the original closed."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest)
+    os.close(fd)
+    return moved
+
+
 class Chromium:
     """A headless Chromium process with one page, controlled through fds 3 and 4."""
 
@@ -48,6 +56,8 @@ class Chromium:
         self._profile = tempfile.TemporaryDirectory(prefix="steinpix-chromium-")
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
+        # the child's ends above 4, so that moving them to 3 and 4 cannot clobber each other
+        to_child_r, from_child_w = (_above(fd, 10) for fd in (to_child_r, from_child_w))
 
         def use_pipes() -> None:  # in the child: the protocol's fixed descriptors
             os.dup2(to_child_r, 3)
@@ -139,19 +149,18 @@ class Chromium:
 
     def screenshot(self, path: str | os.PathLike) -> None:
         """Save the whole page (not only the window) as PNG."""
-        metrics = self.call("Page.getLayoutMetrics", session=True)["cssContentSize"]
+        width = self.call("Page.getLayoutMetrics", session=True)["cssContentSize"]["width"]
+        # the content's own height (the layout's is at least the window's)
+        height = self.evaluate(
+            "Math.ceil(document.body.getBoundingClientRect().bottom"
+            " + parseFloat(getComputedStyle(document.body).marginBottom))"
+        )
         shot = self.call(
             "Page.captureScreenshot",
             session=True,
             format="png",
             captureBeyondViewport=True,
-            clip={
-                "x": 0,
-                "y": 0,
-                "width": metrics["width"],
-                "height": metrics["height"],
-                "scale": 1,
-            },
+            clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
         )
         Path(path).write_bytes(base64.b64decode(shot["data"]))
 

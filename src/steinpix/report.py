@@ -348,7 +348,7 @@ def render_crops(
         src, shape = thumbnails[c.name]
         out.append(
             f"<figure>{_img(src, shape, c.name, box=200)}<figcaption>{esc(c.name)}<br>"
-            f"{c.width} × {c.height} px, {c.limits[0]:.3g}–{c.limits[1]:.3g}"
+            f"{c.width} × {c.height} px · stretch {c.limits[0]:.4g}–{c.limits[1]:.4g}"
             + (f'<br><span class="flag">{esc("; ".join(c.flags))}</span>' if c.flags else "")
             + "</figcaption></figure>"
         )
