@@ -470,3 +470,33 @@ def test_preview_is_listed_after_run():
         line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line
     ]
     assert commands.index("preview") == commands.index("run") + 1
+
+
+def test_preview_of_a_real_run_with_uncertainty(tmp_path, monkeypatch):
+    # the README's walkthrough: run with the built-in engine, then preview its uncertainty
+    shutil.copytree(REF / "ilastik_img", tmp_path / "ilastik_img")
+    shutil.copy(EXAMPLE / "pretrained.ilp", tmp_path / "pretrained.ilp")
+    monkeypatch.chdir(tmp_path)
+    ran = CliRunner().invoke(
+        main,
+        [
+            "classify",
+            "ilastik",
+            "run",
+            "--ilp",
+            "pretrained.ilp",
+            "--engine",
+            "builtin",
+            "--uncertainty",
+            "ilastik_uncertainty",
+        ],
+    )
+    assert ran.exit_code == 0, ran.output
+    result = run("--ilp", "pretrained.ilp")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "ilastik_preview"
+    assert len(parse(out / "index.html").imgs) == 3 * len(NAMES)
+    for name in NAMES:
+        unc = tifffile.imread(tmp_path / "ilastik_uncertainty" / f"{name}.tiff")
+        gray = read_png(out / "images" / f"{name}_uncertainty.png")
+        np.testing.assert_array_equal(gray, np.rint(unc / 65535 * 255).astype(np.uint8))
