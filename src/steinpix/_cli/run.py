@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from steinpix import batch
 from steinpix._cli.utils import ilastik_binary_option, ilp_option, one_line_errors, verbosity_option
@@ -13,17 +15,55 @@ from steinpix.errors import SteinpixError
 
 logger = logging.getLogger("steinpix")
 
+DEFAULT_IMG_DIR = "ilastik_img"
+IMG_DIR_TYPE = click.Path(exists=True, file_okay=False)
+
+
+def image_files(files: tuple[str, ...], img_dir: str | None, ctx: click.Context) -> list[Path]:
+    """The images of the batch: the files given as arguments, else ``*.h5`` in ``--img``."""
+    from steinpix import images
+
+    if files:
+        if img_dir is not None:
+            raise SteinpixError(f"give image files or --img {img_dir}, not both", exit_code=2)
+        return list(dict.fromkeys(Path(f) for f in files))
+    if img_dir is None:  # checked as click checks a given --img, with the same message
+        param = next(p for p in ctx.command.params if p.name == "ilastik_img_dir")
+        img_dir = IMG_DIR_TYPE.convert(DEFAULT_IMG_DIR, param, ctx)
+    img_files = images.list_h5_files(img_dir)
+    if not img_files:
+        raise SteinpixError(f"{img_dir}: no *.h5 images found")
+    return img_files
+
+
+def dask_address(address: str | None, scheduler_file: str | None) -> str | None:
+    """The scheduler to run on: ``--dask`` (or $STEINPIX_DASK), or ``--dask-scheduler-file``."""
+    if scheduler_file is None:
+        return address or None
+    ctx = click.get_current_context()
+    if address and ctx.get_parameter_source("dask_address_option") != ParameterSource.ENVIRONMENT:
+        raise SteinpixError("give --dask or --dask-scheduler-file, not both", exit_code=2)
+    from steinpix.cluster import read_scheduler_file
+
+    return read_scheduler_file(scheduler_file)
+
 
 @click.command(name="run", help="Run a pixel classification batch using Ilastik")
 @ilastik_binary_option("Ilastik binary (for --engine ilastik, and auto when needed)")
 @ilp_option
+@click.argument(
+    "img_files",
+    nargs=-1,
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="[IMAGES]...",
+)
 @click.option(
     "--img",
     "ilastik_img_dir",
-    type=click.Path(exists=True, file_okay=False),
-    default="ilastik_img",
-    show_default=True,
-    help="Path to the Ilastik image directory",
+    type=IMG_DIR_TYPE,
+    default=None,
+    show_default=DEFAULT_IMG_DIR,
+    help="Path to the Ilastik image directory (when no IMAGES are given)",
 )
 @click.option(
     "-o",
@@ -88,6 +128,21 @@ logger = logging.getLogger("steinpix")
     help="Image for --engine docker (default: the steinpix image with ilastik)",
 )
 @click.option(
+    "--dask",
+    "dask_address_option",
+    envvar="STEINPIX_DASK",
+    default=None,
+    metavar="ADDRESS",
+    help="Run on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786; "
+    "default: $STEINPIX_DASK)",
+)
+@click.option(
+    "--dask-scheduler-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Run on the Dask cluster described by this scheduler file",
+)
+@click.option(
     "--overwrite",
     is_flag=True,
     default=False,
@@ -98,7 +153,8 @@ logger = logging.getLogger("steinpix")
 def run_cmd(
     ilastik_binary: str | None,
     ilastik_project_file: str,
-    ilastik_img_dir: str,
+    img_files: tuple[str, ...],
+    ilastik_img_dir: str | None,
     ilastik_probab_dir: str,
     uncertainty_dir: str | None,
     segmentation_dir: str | None,
@@ -108,17 +164,22 @@ def run_cmd(
     profile: str,
     chunk: int | None,
     docker_image: str | None,
+    dask_address_option: str | None,
+    dask_scheduler_file: str | None,
     overwrite: bool,
 ) -> None:
-    from steinpix import images
-
     ilp = Path(ilastik_project_file)
-    img_files = images.list_h5_files(ilastik_img_dir)
-    if not img_files:
-        raise SteinpixError(f"{ilastik_img_dir}: no *.h5 images found")
+    img_files = image_files(img_files, ilastik_img_dir, click.get_current_context())
     requested = {"uncertainty": uncertainty_dir, "segmentation": segmentation_dir}
     exports = tuple((name, Path(d)) for name, d in requested.items() if d is not None)
     batch.check_output_dirs(Path(ilastik_probab_dir), exports)
+    address = dask_address(dask_address_option, dask_scheduler_file)
+    if address is not None and engine == "docker":
+        raise SteinpixError(
+            "--engine docker does not run on Dask workers; use --engine builtin, or ilastik "
+            "installed on every worker",
+            exit_code=2,
+        )
     chosen, profile = batch.choose_engine(engine, ilp, ilastik_binary, profile)
     binary = None
     if chosen == "ilastik":
@@ -148,6 +209,15 @@ def run_cmd(
             for output in result.outputs:
                 click.echo(output)
 
-    failed = batch.run_batch(job, pending, on_result=report)
+    if address is None:
+        failed = batch.run_batch(job, pending, on_result=report)
+    else:
+        from steinpix import cluster
+
+        client = cluster.connect(address)
+        with contextlib.closing(client):
+            logger.info("Dask: %s (%s)", address, cluster.describe_cluster(client))
+            failed = batch.run_batch(job, pending, cluster.dask_executor(client), report)
+        batch.prepare_outputs(job)  # temporaries of workers killed during the batch
     if failed:
         raise batch.failure_error(failed, len(pending))
