@@ -228,6 +228,12 @@ def test_outputs_are_byte_identical_to_a_local_run(cluster, tmp_path):
     assert result.stdout.splitlines() == ["ilastik_probabilities/20210305_NE_mockData1_002.tiff"]
     assert "Dask: " in result.stderr
     assert files(out) == local_outputs(project)
+    # ilastik's other exports come from the workers too
+    result = cli(project, "--dask", cluster.address, "-o", "dask", "--segmentation", "seg")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 6
+    assert files(project / "dask") == local_outputs(project, "--segmentation", "local_seg")
+    assert files(project / "seg") == files(project / "local_seg")
 
 
 def test_a_bad_image_among_good_ones(cluster, tmp_path):
