@@ -69,10 +69,16 @@ def margin_uncertainty(probs: np.ndarray) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float32)
     if probs.shape[-1] <= 1:
         return np.zeros(probs.shape[:-1], dtype=np.float32)
-    # the two largest values are the same whichever way they are found; partition is O(C)
-    top_two = np.partition(probs, probs.shape[-1] - 2, axis=-1)[..., -2:]
-    margin = np.subtract(top_two[..., 1], top_two[..., 0], dtype=np.float32)
-    return np.subtract(np.float32(1), margin, dtype=np.float32)
+    # The two largest values are the same whichever way they are found; one pass over the
+    # channels is several times faster than sorting the short last axis.
+    largest = probs[..., 0].copy()
+    second = np.full_like(largest, -np.inf)
+    for c in range(1, probs.shape[-1]):
+        p = probs[..., c]
+        np.maximum(second, np.minimum(largest, p), out=second)
+        np.maximum(largest, p, out=largest)
+    margin = np.subtract(largest, second, out=largest)
+    return np.subtract(np.float32(1), margin, out=margin)
 
 
 def uncertainty(probs: np.ndarray) -> np.ndarray:

@@ -5,6 +5,9 @@ arguments (:func:`headless_args`), optionally in chunks of images. ilastik write
 temporary folder inside the output folder, and each finished ``<stem>-img.tiff`` is moved to
 ``<stem>.tiff`` only after its chunk ended with exit code 0, so an interrupted or failed run never
 leaves a partial probability image behind. The files themselves are ilastik's, byte for byte.
+ilastik's Uncertainty and Simple Segmentation exports (``run --uncertainty/--segmentation``) are
+one more ilastik call each per chunk, moved into their folders the same way
+(:data:`EXPORT_ARGS`, :func:`classify_chunk`).
 """
 
 from __future__ import annotations
