@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -144,15 +146,204 @@ def read_image_shape(img_file: str | os.PathLike) -> tuple[int, int, int]:
     return _to_cyx(img_file, np.empty(shape, dtype=np.uint8)).shape
 
 
-def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """``a + (b - a) * t``; for float32 with one rounding of the multiply-add (a fused
-    multiply-add, emulated exactly in float64), which is what OpenCV's vectorised float path
-    computes: it matches steinbock's images to within 2 ulp (56 of 1.3 M values differ on
-    the mock data, the rest are bit-identical)."""
-    if a.dtype == np.float32:
-        diff = (b - a).astype(np.float64)
-        return (a.astype(np.float64) + diff * t.astype(np.float64)).astype(np.float32)
-    return a + (b - a) * t
+class ImageChannels:
+    """The channels of a steinbock image, read a few at a time (a context manager).
+
+    IMC TIFFs store one page per channel: then :meth:`read` decodes only the pages asked for,
+    so an image is never held whole. Other layouts (several channels in one page, e.g.
+    planar-separate samples) are read whole on the first :meth:`read` and sliced. Either way
+    :meth:`read` returns what ``read_image(img_file)[indices]`` returns.
+
+    Attributes
+    ----------
+    shape : (C, Y, X)
+    page_wise : bool
+        Whether channels are read page by page.
+
+    Raises
+    ------
+    SteinpixError
+        When the file is missing, not a TIFF, of an unsupported shape, or shorter than its
+        pages' data.
+    """
+
+    def __init__(self, img_file: str | os.PathLike) -> None:
+        self.img_file = Path(img_file)
+        self._whole: np.ndarray | None = None
+        try:
+            self._tif = tifffile.TiffFile(self.img_file)
+        except FileNotFoundError:
+            raise SteinpixError(f"{self.img_file}: file not found") from None
+        except Exception as e:  # tifffile raises many types for damaged files
+            raise _tiff_error(self.img_file, e) from None
+        try:
+            self._pages, self.shape = self._layout()
+        except SteinpixError:
+            self.close()
+            raise
+        except Exception as e:
+            self.close()
+            raise _tiff_error(self.img_file, e) from None
+        self.page_wise = self._pages is not None
+
+    def _layout(self) -> tuple[list | None, tuple[int, int, int]]:
+        """The series' pages if page ``i`` is channel ``i`` (else None), and (C, Y, X)."""
+        series_shape = _unsqueezed_shape(self._tif)
+        shape = _to_cyx(self.img_file, np.empty(series_shape, dtype=np.uint8)).shape
+        pages = list(self._tif.series[0].pages)
+        size = self._tif.filehandle.size
+        for page in pages:
+            if page is None or any(
+                o + n > size for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)
+            ):
+                raise SteinpixError(f"{self.img_file}: truncated (pixel data beyond the end)")
+        # tifffile stacks a series' pages in order in front of the page shape: with one (Y, X)
+        # page per channel, page i is channel i
+        if len(pages) == shape[0] and {tuple(p.shape) for p in pages} == {shape[1:]}:
+            return pages, shape
+        return None, shape
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """Channels ``indices`` (in that order) as a C-contiguous (n, Y, X) array, native dtype."""
+        indices = np.asarray(indices, dtype=np.intp)
+        try:
+            if self._pages is None:
+                if self._whole is None:
+                    self._whole = _to_cyx(self.img_file, self._tif.asarray(squeeze=False))
+                return self._whole[indices]
+            out = None
+            for k, i in enumerate(indices):
+                page = self._pages[i].asarray()
+                if out is None:
+                    out = np.empty((len(indices), *page.shape), dtype=page.dtype)
+                out[k] = page
+            return out if out is not None else np.empty((0, *self.shape[1:]))
+        except (SteinpixError, MemoryError):
+            raise
+        except Exception as e:  # damaged pixel data
+            raise _tiff_error(self.img_file, e) from None
+
+    def close(self) -> None:
+        self._tif.close()
+        self._whole = None
+
+    def __enter__(self) -> ImageChannels:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _lerp(a: np.ndarray, diff: np.ndarray, t: np.ndarray, out: np.ndarray) -> None:
+    """``out = a + diff * t`` with ``diff = b - a`` already rounded to the work dtype.
+
+    For float32 the multiply-add is evaluated in float64 and rounded once to float32 (a fused
+    multiply-add, emulated in float64), which is what OpenCV's vectorised float path computes:
+    it matches steinbock's images to within 2 ulp (56 of 1.3 M values differ on the mock data,
+    the rest are bit-identical). numpy casts the float32 operands inside the ufunc loops, in
+    small buffers, so no full-size float64 copies are made.
+    """
+    if out.dtype == np.float32:
+        wide = np.multiply(diff, t, dtype=np.float64)
+        np.add(a, wide, out=wide)
+        out[...] = wide
+    else:
+        np.multiply(diff, t, out=out)
+        np.add(a, out, out=out)
+
+
+def _axis_weights(n: int, scale: int, work: np.dtype) -> tuple[np.ndarray, ...]:
+    """Source indices and weights of the ``n * scale`` output positions along one axis.
+
+    Pixel centres are aligned (source coordinate ``(d + 0.5) / scale - 0.5``) and edges are
+    replicated: output ``d`` is ``src[x0[d]] + (src[x1[d]] - src[x0[d]]) * frac[d]``.
+    """
+    pos = (np.arange(n * scale, dtype=np.float64) + 0.5) / scale - 0.5
+    lo = np.floor(pos)
+    frac = (pos - lo).astype(work)
+    lo = lo.astype(np.intp)
+    return np.clip(lo, 0, n - 1), np.clip(lo + 1, 0, n - 1), frac
+
+
+# elements of the float64 temporaries per block: small enough to stay in the CPU's caches
+_BLOCK_ELEMENTS = 1 << 16
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """Output positions ``d = scale * k + j`` of one phase ``j`` along an axis.
+
+    For ``k`` in ``k0:k1`` they read the contiguous sources ``k + off`` and ``k + off + 1``
+    (weights ``t``); the others (the replicated edges, where both sources coincide) are listed
+    with their gathered sources ``edge_lo``, ``edge_hi`` and weights ``edge_t``.
+    """
+
+    j: int
+    k0: int
+    k1: int
+    off: int
+    t: np.ndarray
+    edge_d: np.ndarray
+    edge_lo: np.ndarray
+    edge_hi: np.ndarray
+    edge_t: np.ndarray
+
+
+def _phases(n: int, scale: int, work: np.dtype) -> list[_Phase]:
+    x0, x1, frac = _axis_weights(n, scale, work)
+    phases = []
+    for j in range(scale):
+        d = np.arange(j, n * scale, scale)
+        lo, hi = x0[d], x1[d]
+        inner = np.flatnonzero(hi == lo + 1)
+        if inner.size and (
+            inner[-1] - inner[0] + 1 != inner.size
+            or np.any(lo[inner] - inner != lo[inner[0]] - inner[0])
+        ):
+            inner = inner[:0]  # not slices (never seen): gather every position
+        k0, k1 = (int(inner[0]), int(inner[-1]) + 1) if inner.size else (0, 0)
+        off = int(lo[k0] - k0) if inner.size else 0
+        edges = np.setdiff1d(np.arange(n), inner, assume_unique=True)
+        phases.append(
+            _Phase(j, k0, k1, off, frac[d[k0:k1]], d[edges], lo[edges], hi[edges], frac[d[edges]])
+        )
+    return phases
+
+
+def _upscale_columns(src: np.ndarray, scale: int, out: np.ndarray) -> None:
+    """Interpolate the 2-D ``src`` (R, n) along its columns into ``out`` (R, n * scale)."""
+    n_rows, n = src.shape
+    step = max(1, _BLOCK_ELEMENTS // n)
+    for p in _phases(n, scale, src.dtype):
+        cols = slice(p.j + scale * p.k0, p.j + scale * (p.k1 - 1) + 1, scale)
+        for r0 in range(0, n_rows if p.k1 > p.k0 else 0, step):
+            rows = slice(r0, min(n_rows, r0 + step))
+            a = src[rows, p.k0 + p.off : p.k1 + p.off]
+            b = src[rows, p.k0 + p.off + 1 : p.k1 + p.off + 1]
+            _lerp(a, np.subtract(b, a), p.t, out[rows, cols])
+        if p.edge_d.size:
+            a, b = src[:, p.edge_lo], src[:, p.edge_hi]
+            dst = np.empty(a.shape, dtype=out.dtype)
+            _lerp(a, np.subtract(b, a), p.edge_t, dst)
+            out[:, p.edge_d] = dst
+
+
+def _upscale_rows(src: np.ndarray, scale: int, out: np.ndarray) -> None:
+    """Interpolate the 2-D ``src`` (n, W) along its rows into ``out`` (n * scale, W)."""
+    n, width = src.shape
+    step = max(1, _BLOCK_ELEMENTS // width)
+    for p in _phases(n, scale, src.dtype):
+        for k in range(p.k0, p.k1, step):
+            k_end = min(p.k1, k + step)
+            a = src[k + p.off : k_end + p.off]
+            b = src[k + p.off + 1 : k_end + p.off + 1]
+            dst = out[p.j + scale * k : p.j + scale * (k_end - 1) + 1 : scale]
+            _lerp(a, np.subtract(b, a), p.t[k - p.k0 : k_end - p.k0, np.newaxis], dst)
+        if p.edge_d.size:
+            a, b = src[p.edge_lo], src[p.edge_hi]
+            dst = np.empty(a.shape, dtype=out.dtype)
+            _lerp(a, np.subtract(b, a), p.edge_t[:, np.newaxis], dst)
+            out[p.edge_d] = dst
 
 
 def resize_linear(img: np.ndarray, scale: int) -> np.ndarray:
@@ -176,25 +367,25 @@ def resize_linear(img: np.ndarray, scale: int) -> np.ndarray:
     """
     if scale == 1:
         return img
-    work = img.dtype if img.dtype in (np.float32, np.float64) else np.dtype(np.float32)
-
-    def axis_weights(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos = (np.arange(n * scale, dtype=np.float64) + 0.5) / scale - 0.5
-        lo = np.floor(pos)
-        frac = (pos - lo).astype(work)
-        lo = lo.astype(np.intp)
-        return np.clip(lo, 0, n - 1), np.clip(lo + 1, 0, n - 1), frac
-
-    x0, x1, fx = axis_weights(img.shape[2])
-    y0, y1, fy = axis_weights(img.shape[1])
-    out = np.empty((img.shape[0], img.shape[1] * scale, img.shape[2] * scale), dtype=work)
+    out = np.empty((img.shape[0], img.shape[1] * scale, img.shape[2] * scale), dtype=img.dtype)
     for c, channel in enumerate(img):
-        channel = channel.astype(work, copy=False)
-        rows = _lerp(channel[:, x0], channel[:, x1], fx)
-        out[c] = _lerp(rows[y0, :], rows[y1, :], fy[:, np.newaxis])
-    if np.issubdtype(img.dtype, np.integer):
-        info = np.iinfo(img.dtype)
-        return np.clip(np.rint(out), info.min, info.max).astype(img.dtype)
+        out[c] = resize_channel(channel, scale)
+    return out
+
+
+def resize_channel(channel: np.ndarray, scale: int) -> np.ndarray:
+    """One (Y, X) channel of :func:`resize_linear`: (Y * scale, X * scale), same dtype."""
+    if scale == 1:
+        return channel
+    work = channel.dtype if channel.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+    src = np.ascontiguousarray(channel, dtype=work)
+    rows = np.empty((src.shape[0], src.shape[1] * scale), dtype=work)
+    _upscale_columns(src, scale, rows)
+    out = np.empty((src.shape[0] * scale, src.shape[1] * scale), dtype=work)
+    _upscale_rows(rows, scale, out)
+    if np.issubdtype(channel.dtype, np.integer):
+        info = np.iinfo(channel.dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(channel.dtype)
     return out
 
 
@@ -209,6 +400,65 @@ def aggregation_function(name: str) -> AggregationFunction:
     return func
 
 
+def aggregate_channels(
+    read: Callable[[np.ndarray], np.ndarray],
+    n_channels: int,
+    channel_groups: np.ndarray | None = None,
+    aggr_func: AggregationFunction = np.mean,
+    prepend_mean: bool = True,
+    mean_factor: float = 100.0,
+) -> np.ndarray:
+    """The ilastik image before scaling: aggregated channel groups, their mean first.
+
+    Channels are aggregated per group (sorted group values; channels whose group is NaN are
+    dropped), and the mean of the resulting channels times ``mean_factor`` is prepended, in
+    the image's native dtype (numpy's rules), as steinbock does. Only one group's channels are
+    read at a time.
+
+    Parameters
+    ----------
+    read : callable
+        ``read(indices)`` returns those channels as an (n, Y, X) array
+        (:meth:`ImageChannels.read`, or indexing a whole image).
+    n_channels : int
+        C, the image's channel count.
+    channel_groups : (C,) float ndarray or None
+        The panel's ``ilastik`` column; None uses all channels as they are.
+    aggr_func : callable
+        numpy reduction called as ``aggr_func(channels, axis=0)``.
+    prepend_mean, mean_factor
+        As the ``prepare`` options ``--mean`` and ``--meanfactor``.
+
+    Returns
+    -------
+    ilastik_img : (C', Y, X) ndarray
+        Dtype as numpy's arithmetic gives it (e.g. float64 for the mean of uint16 channels).
+    """
+    if channel_groups is None:
+        ilastik_img = read(np.arange(n_channels))
+    else:
+        groups = np.unique(channel_groups[~np.isnan(channel_groups)])
+        ilastik_img = np.stack(
+            [
+                np.asarray(aggr_func(read(np.flatnonzero(channel_groups == group)), axis=0))
+                for group in groups
+            ]
+        )
+    if prepend_mean:
+        mean_img = ilastik_img.mean(axis=0, keepdims=True) * mean_factor
+        ilastik_img = np.concatenate((mean_img, ilastik_img))
+    return ilastik_img
+
+
+def check_ilastik_image(ilastik_img: np.ndarray, scale_factor: int) -> None:
+    """Raise what :func:`create_ilastik_image` would raise for this aggregated image, before
+    :func:`write_ilastik_image` writes anything: ValueError or TypeError when it is not
+    (C', Y, X) or its upscaled dtype cannot be converted to float32."""
+    if ilastik_img.ndim != 3 or 0 in ilastik_img.shape:
+        raise ValueError(f"the channel groups aggregate to shape {ilastik_img.shape}")
+    to_dtype(resize_channel(ilastik_img[0, :1, :1], scale_factor), IMG_DTYPE)
+
+
 def create_ilastik_image(
     img: np.ndarray,
     channel_groups: np.ndarray | None = None,
@@ -217,36 +467,28 @@ def create_ilastik_image(
     mean_factor: float = 100.0,
     scale_factor: int = 1,
 ) -> np.ndarray:
-    """Turn a steinbock image into the image that ilastik classifies, as steinbock does.
+    """Turn a whole steinbock image into the image that ilastik classifies, as steinbock does.
 
-    Channels are aggregated per group (sorted group values; channels whose group is NaN are
-    dropped), the mean of the resulting channels times ``mean_factor`` is prepended, and the
-    image is upscaled bilinearly. Arithmetic happens in the image's native dtype (numpy's
-    rules), and the result is converted to float32 at the end, as in steinbock.
+    :func:`aggregate_channels`, then bilinear upscaling, and the result is converted to
+    float32 at the end, as in steinbock. ``prepare`` does the same channel by channel
+    (:func:`write_ilastik_image`) without holding the image or the result whole.
 
     Parameters
     ----------
     img : (C, Y, X) ndarray
-    channel_groups : (C,) float ndarray or None
-        The panel's ``ilastik`` column; None uses all channels as they are.
-    aggr_func : callable
-        numpy reduction called as ``aggr_func(channels, axis=0)``.
-    prepend_mean, mean_factor, scale_factor
-        As the ``prepare`` options ``--mean``, ``--meanfactor`` and ``--scale``.
+    channel_groups, aggr_func, prepend_mean, mean_factor
+        As :func:`aggregate_channels`.
+    scale_factor : int
+        As the ``prepare`` option ``--scale``.
 
     Returns
     -------
     ilastik_img : (C', Y * scale_factor, X * scale_factor) float32 ndarray
     """
-    ilastik_img = img
-    if channel_groups is not None:
-        groups = np.unique(channel_groups[~np.isnan(channel_groups)])
-        ilastik_img = np.stack(
-            [np.asarray(aggr_func(img[channel_groups == group], axis=0)) for group in groups]
-        )
-    if prepend_mean:
-        mean_img = ilastik_img.mean(axis=0, keepdims=True) * mean_factor
-        ilastik_img = np.concatenate((mean_img, ilastik_img))
+    ilastik_img = aggregate_channels(
+        lambda indices: img[indices], img.shape[0], channel_groups, aggr_func, prepend_mean,
+        mean_factor,
+    )
     if scale_factor > 1:
         ilastik_img = resize_linear(ilastik_img, scale_factor)
     return to_dtype(ilastik_img, IMG_DTYPE)
@@ -279,17 +521,65 @@ def crop_file_name(img_stem: str, x: int, y: int, crop_size: int) -> str:
     return f"{img_stem}_x{x}_y{y}_w{crop_size}_h{crop_size}.h5"
 
 
-def write_steinbock_h5(img: np.ndarray, h5_file: str | os.PathLike, dataset: str) -> Path:
-    """Write a CYX image as steinbock does (``img`` for images, ``crop`` for crops), atomically.
+@contextmanager
+def steinbock_h5_dataset(
+    h5_file: str | os.PathLike, dataset: str, shape: tuple[int, ...]
+) -> Iterator[h5py.Dataset]:
+    """An empty float32 dataset in a new steinbock HDF5 file, to fill in parts; atomic.
 
-    The file holds one float32 dataset with the attributes ``display_mode``, ``axistags``
-    (ASCII strings) and ``steinbock`` (True), in the oldest HDF5 format.
+    The file holds one dataset with the attributes ``display_mode``, ``axistags`` (ASCII
+    strings) and ``steinbock`` (True), in the oldest HDF5 format, as steinbock writes it. It is
+    renamed into place when the block ends without an exception.
     """
-    h5_file = Path(h5_file)
-    img = to_dtype(img, IMG_DTYPE)
-    with atomic_output(h5_file) as tmp, h5py.File(tmp, "w", libver=H5_LIBVER) as f:
-        ds = f.create_dataset(dataset, data=img)
+    with atomic_output(Path(h5_file)) as tmp, h5py.File(tmp, "w", libver=H5_LIBVER) as f:
+        ds = f.create_dataset(dataset, shape=shape, dtype=IMG_DTYPE)
+        yield ds
         ds.attrs["display_mode"] = DISPLAY_MODE.encode("ascii")
         ds.attrs["axistags"] = AXISTAGS.encode("ascii")
         ds.attrs["steinbock"] = True
-    return h5_file
+
+
+def write_steinbock_h5(img: np.ndarray, h5_file: str | os.PathLike, dataset: str) -> Path:
+    """Write a CYX image as steinbock does (``img`` for images, ``crop`` for crops), atomically
+    (see :func:`steinbock_h5_dataset`)."""
+    img = to_dtype(img, IMG_DTYPE)
+    with steinbock_h5_dataset(h5_file, dataset, img.shape) as ds:
+        ds[...] = img
+    return Path(h5_file)
+
+
+def write_ilastik_image(
+    ilastik_img: np.ndarray,
+    scale_factor: int,
+    h5_file: str | os.PathLike,
+    crop: tuple[int, int, int] | None = None,
+) -> np.ndarray | None:
+    """Upscale and write an aggregated image (:func:`aggregate_channels`) one channel at a time.
+
+    The file equals ``write_steinbock_h5(create_ilastik_image(...), h5_file, "img")``; only one
+    upscaled channel is held at a time.
+
+    Parameters
+    ----------
+    ilastik_img : (C', Y, X) ndarray
+    scale_factor : int
+    h5_file : path
+        The ilastik image to write (dataset ``img``).
+    crop : (x, y, size), optional
+        A square of the upscaled image to return as well.
+
+    Returns
+    -------
+    crop : (C', size, size) float32 ndarray or None
+    """
+    n, height, width = ilastik_img.shape
+    shape = (n, height * scale_factor, width * scale_factor)
+    crop_img = None if crop is None else np.empty((n, crop[2], crop[2]), dtype=IMG_DTYPE)
+    with steinbock_h5_dataset(h5_file, IMG_DATASET, shape) as ds:
+        for c in range(n):
+            channel = to_dtype(resize_channel(ilastik_img[c], scale_factor), IMG_DTYPE)
+            ds[c] = channel
+            if crop_img is not None:
+                x, y, size = crop
+                crop_img[c] = channel[y : y + size, x : x + size]
+    return crop_img

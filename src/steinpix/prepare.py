@@ -82,8 +82,11 @@ def iter_prepare(
     """Prepare one image at a time: ilastik image, then its crop (steinbock's random draws).
 
     Crop positions come from one ``numpy.random.default_rng(seed)`` that draws, in sorted
-    file order, only for images that were written and are at least ``crop_size`` in both
-    axes, so a seed gives steinbock's crops. Only one image is held in memory at a time.
+    file order, only for images that were aggregated and are at least ``crop_size`` in both
+    axes, so a seed gives steinbock's crops. An image is read one channel group at a time
+    (page by page: IMC TIFFs store one page per channel) and upscaled and written one channel
+    at a time, so neither the image nor the ilastik image is ever held whole; the files are
+    the same as from the whole image (:func:`steinpix.images.create_ilastik_image`).
 
     Yields
     ------
@@ -100,15 +103,16 @@ def iter_prepare(
             yield result
             continue
         try:
-            img = images.read_image(img_file)
-            ilastik_img = images.create_ilastik_image(
-                img,
-                channel_groups=channel_groups,
-                aggr_func=aggr_func,
-                prepend_mean=prepend_mean,
-                mean_factor=mean_factor,
-                scale_factor=scale_factor,
-            )
+            with images.ImageChannels(img_file) as channels:
+                aggregated = images.aggregate_channels(
+                    channels.read,
+                    channels.shape[0],
+                    channel_groups=channel_groups,
+                    aggr_func=aggr_func,
+                    prepend_mean=prepend_mean,
+                    mean_factor=mean_factor,
+                )
+            images.check_ilastik_image(aggregated, scale_factor)
         except SteinpixError as e:
             result.error = str(e)
             yield result
@@ -117,20 +121,21 @@ def iter_prepare(
             result.error = f"{img_file}: cannot create the ilastik image ({e})"
             yield result
             continue
-        del img
         ilastik_img_file = images.with_suffix(ilastik_img_dir / img_file.name, ".h5")
-        result.ilastik_img_file = images.write_steinbock_h5(
-            ilastik_img, ilastik_img_file, images.IMG_DATASET
-        )
-        position = images.draw_crop_position(ilastik_img.shape, crop_size, rng)
-        if position is None:
+        _, height, width = aggregated.shape
+        shape = (aggregated.shape[0], height * scale_factor, width * scale_factor)
+        position = images.draw_crop_position(shape, crop_size, rng)
+        crop = None if position is None else (*position, crop_size)
+        crop_img = images.write_ilastik_image(aggregated, scale_factor, ilastik_img_file, crop)
+        del aggregated
+        result.ilastik_img_file = ilastik_img_file
+        if crop is None:
             logger.warning(
                 "Image %s too small for crop size %d: no crop", ilastik_img_file, crop_size
             )
         else:
-            x, y = position
-            crop = ilastik_img[:, y : y + crop_size, x : x + crop_size]
+            x, y, _ = crop
             crop_file = crop_dir / images.crop_file_name(ilastik_img_file.stem, x, y, crop_size)
-            result.crop_file = images.write_steinbock_h5(crop, crop_file, images.CROP_DATASET)
-            result.crop_shape = crop.shape
+            result.crop_file = images.write_steinbock_h5(crop_img, crop_file, images.CROP_DATASET)
+            result.crop_shape = crop_img.shape
         yield result
