@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +245,8 @@ def _lerp(a: np.ndarray, diff: np.ndarray, t: np.ndarray, out: np.ndarray) -> No
     the rest are bit-identical). numpy casts the float32 operands inside the ufunc loops, in
     small buffers, so no full-size float64 copies are made.
     """
+    if t.size and np.all(t == t.flat[0]):
+        t = t.flat[0]  # same products; numpy broadcasts a scalar much faster than a column
     if out.dtype == np.float32:
         wide = np.multiply(diff, t, dtype=np.float64)
         np.add(a, wide, out=wide)
@@ -266,7 +270,7 @@ def _axis_weights(n: int, scale: int, work: np.dtype) -> tuple[np.ndarray, ...]:
 
 
 # elements of the float64 temporaries per block: small enough to stay in the CPU's caches
-_BLOCK_ELEMENTS = 1 << 16
+_BLOCK_ELEMENTS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -575,11 +579,24 @@ def write_ilastik_image(
     n, height, width = ilastik_img.shape
     shape = (n, height * scale_factor, width * scale_factor)
     crop_img = None if crop is None else np.empty((n, crop[2], crop[2]), dtype=IMG_DTYPE)
-    with steinbock_h5_dataset(h5_file, IMG_DATASET, shape) as ds:
+
+    def upscale(c: int) -> np.ndarray:
+        return to_dtype(resize_channel(ilastik_img[c], scale_factor), IMG_DTYPE)
+
+    # numpy releases the GIL in its loops: upscale the next channels on the other cores while
+    # this thread writes; at most ``workers`` channels wait, so memory stays bounded
+    workers = max(1, min(n, os.cpu_count() or 1, 4))
+    with steinbock_h5_dataset(h5_file, IMG_DATASET, shape) as ds, ThreadPoolExecutor(
+        workers
+    ) as pool:
+        pending = deque(pool.submit(upscale, c) for c in range(min(n, workers)))
         for c in range(n):
-            channel = to_dtype(resize_channel(ilastik_img[c], scale_factor), IMG_DTYPE)
+            channel = pending.popleft().result()
+            if c + workers < n:
+                pending.append(pool.submit(upscale, c + workers))
             ds[c] = channel
             if crop_img is not None:
                 x, y, size = crop
                 crop_img[c] = channel[y : y + size, x : x + size]
+            del channel
     return crop_img
