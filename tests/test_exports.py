@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import tifffile
@@ -184,3 +185,32 @@ def test_bad_image_writes_no_export(tmp_path, project):
     with pytest.raises(ValueError, match="unknown exports"):
         engine.predict_file(IN_REPO_IMAGES[0], tmp_path / "p.tiff", classifier, selection,
                             exports={"features": tmp_path / "f.tiff"})
+
+
+ILASTIK_14 = TEST_DATA / "imcseg-ilastik-1.4.0"
+
+
+@pytest.mark.parametrize(
+    "pipeline_image",
+    sorted((ILASTIK_14 / "ilastik").glob("*_s2.h5")),
+    ids=lambda p: p.stem,
+)
+def test_exports_follow_the_profile_on_an_ilastik_1_4_project(tmp_path, pipeline_image):
+    """ilastik 1.4.0's own probabilities of its project: the 14x exports agree with them."""
+    with h5py.File(pipeline_image, "r") as f:
+        (data,) = (ds[()] for ds in f.values())
+    img_file = tmp_path / "img" / pipeline_image.name
+    img_file.parent.mkdir()
+    with h5py.File(img_file, "w") as f:
+        f["img"] = np.moveaxis(data[0], -1, 0).astype(np.float32)
+    model = engine.load_project(ILASTIK_14 / "TestData.ilp")
+    paths = predict_with_exports(img_file, tmp_path, model, profile="14x")
+    reference = tifffile.imread(
+        ILASTIK_14 / "ilastik" / f"{pipeline_image.stem}_Probabilities.tiff"
+    )
+    np.testing.assert_array_equal(tifffile.imread(paths["probabilities"]), reference)
+    seg = tifffile.imread(paths["segmentation"])
+    unc = tifffile.imread(paths["uncertainty"]).astype(np.int64)
+    np.testing.assert_array_equal(seg, np.argmax(reference, axis=-1) + 1)
+    ranked = np.sort(reference, axis=-1).astype(np.int64)
+    assert np.abs(unc - (65535 - (ranked[..., -1] - ranked[..., -2]))).max() <= 2
