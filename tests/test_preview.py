@@ -7,6 +7,7 @@ import csv
 import math
 import os
 import shutil
+import urllib.parse
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -163,15 +164,20 @@ def test_block_mean_matches_numpy_on_uneven_shapes():
 
 
 def test_index_html_parses_and_every_image_exists(workdir):
+    # a name with characters that mean something in URLs
+    odd = "odd #1 100%"
+    for folder, suffix in (("ilastik_img", ".h5"), ("ilastik_probabilities", ".tiff")):
+        (workdir / folder / f"{NAMES[0]}{suffix}").rename(workdir / folder / f"{odd}{suffix}")
     assert run().exit_code == 0
     out = workdir / "ilastik_preview"
     page = parse(out / "index.html")
     assert "script" not in page.tags and "link" not in page.tags
     srcs = [img["src"] for img in page.imgs]
     assert len(srcs) == 2 * len(NAMES)
+    assert "images/odd%20%231%20100%25_image.png" in srcs
     for src in srcs + [h for h in page.links if not h.startswith("#")]:
         assert "://" not in src and not src.startswith("/")
-        assert (out / src).is_file(), src
+        assert (out / urllib.parse.unquote(src)).is_file(), src
     for img in page.imgs:
         assert int(img["width"]) > 0 and int(img["height"]) > 0 and img["alt"]
     text = (out / "index.html").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.parse
 
 import imagecodecs
 import numpy as np
@@ -46,6 +47,11 @@ def test_index_shows_every_image(browser, tmp_path, monkeypatch):
     shutil.copytree(REF / "ilastik_probabilities", tmp_path / "ilastik_probabilities")
     shutil.copytree(REF / "prepare" / "ilastik_crops", tmp_path / "ilastik_crops")
     shutil.copy(EXAMPLE / "pretrained.ilp", tmp_path / "pixel_classifier.ilp")
+    # a name with characters that mean something in URLs must still load
+    for folder, suffix in (("ilastik_img", ".h5"), ("ilastik_probabilities", ".tiff")):
+        (tmp_path / folder / f"20210305_NE_mockData1_001{suffix}").rename(
+            tmp_path / folder / f"odd #1 100%{suffix}"
+        )
     (tmp_path / "ilastik_uncertainty").mkdir()
     for prob in (tmp_path / "ilastik_probabilities").iterdir():
         top = np.sort(tifffile.imread(prob).astype(np.int32), axis=-1)
@@ -62,7 +68,7 @@ def test_index_shows_every_image(browser, tmp_path, monkeypatch):
         assert len(images) == expected
         for src, complete, width, height, shown in images:
             # a broken image has no natural size; a shown one has its PNG's
-            png = imagecodecs.png_decode((out / src).read_bytes())
+            png = imagecodecs.png_decode((out / urllib.parse.unquote(src)).read_bytes())
             assert complete and (height, width) == png.shape[:2], src
             assert shown >= 100, src
     # a missing PNG is caught the same way (the check can fail)

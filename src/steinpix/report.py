@@ -10,6 +10,7 @@ import csv
 import html
 import io
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,8 @@ def _img(src: str, shape: tuple[int, int], alt: str, box: int = DISPLAY_SIZE) ->
     scale = box / max(height, width, 1)
     w, h = max(1, round(width * scale)), max(1, round(height * scale))
     up = ' class="up"' if scale > 1 else ""
-    src = html.escape(src, quote=True)
+    # a relative URL: file names may hold characters with a meaning in URLs (#, %, ?, spaces)
+    src = html.escape(urllib.parse.quote(src), quote=True)
     return (
         f'<a href="{src}"><img src="{src}" width="{w}" height="{h}"{up} '
         f'alt="{html.escape(alt, quote=True)}"></a>'

@@ -174,6 +174,7 @@ def preview_images(
 def preview_crops(crop_dir: Path, out_dir: Path, size: int, overwrite: bool) -> Path:
     """Contact sheet of the crops; returns ``crops.html``'s path."""
     from steinpix import preview, report
+    from steinpix.atomic import remove_stale_temporaries
     from steinpix.images import list_h5_files
 
     if not crop_dir.is_dir():
@@ -182,6 +183,9 @@ def preview_crops(crop_dir: Path, out_dir: Path, size: int, overwrite: bool) -> 
     if not crop_files:
         raise SteinpixError(f"{crop_dir}: no *.h5 crops to preview")
     (out_dir / "crops").mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, out_dir / "crops"):
+        for stale in remove_stale_temporaries(folder):
+            logger.info("Removed %s, left by a preview that was killed", stale)
     records, thumbs, errors, failed = [], {}, [], []
     for i, crop_file in enumerate(crop_files, start=1):
         png = preview.crop_thumbnail_path(out_dir, crop_file.stem)
