@@ -34,7 +34,7 @@ import numpy as np
 
 from steinpix import images, project
 from steinpix.atomic import temporary_sibling
-from steinpix.errors import SteinpixError
+from steinpix.errors import SteinpixError, first_line, read_error
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 STEINBOCK_AXES = ("c", "y", "x")
 # ilastik's (vigra's) axis keys: time, channel and the three spatial axes
 KNOWN_AXES = "tczyx"
+# Where damaged HDF5 files raise errors (KeyError, ValueError, ...): elsewhere they are bugs
+H5_READERS = ("h5py", "numpy")
 EXPORT_WARNING = (
     "When exporting data from the graphical user interface of Ilastik, please manually edit "
     "the export image settings and enable renormalizing [min, max] from [0.0, 1.0] to [0, 65535]"
@@ -159,11 +161,6 @@ class FixResult:
 # --- small parsers --------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _natural_key(name: str) -> tuple[int, str]:
     """Sort ``lane2`` before ``lane10`` (ilastik numbers lanes and label sets)."""
     match = re.search(r"(\d+)$", name)
@@ -200,7 +197,7 @@ def axistags_keys(text: str | bytes, where: str) -> tuple[str, ...]:
     try:
         keys = tuple(str(axis["key"]) for axis in json.loads(text)["axes"])
     except (ValueError, KeyError, TypeError) as e:
-        raise SteinpixError(f"{where}: unreadable axistags ({_first_line(e)})") from None
+        raise SteinpixError(f"{where}: unreadable axistags ({first_line(e)})") from None
     return keys
 
 
@@ -370,7 +367,7 @@ def plan_crop(crop_file: Path, axis_order: tuple[str, ...] | None = None) -> Cro
     except SteinpixError:
         raise
     except (OSError, KeyError, RuntimeError, ValueError) as e:
-        raise SteinpixError(f"{crop_file}: not a readable HDF5 file ({_first_line(e)})") from None
+        raise read_error(crop_file, e, "not a readable HDF5 file", *H5_READERS) from e
 
 
 def _plan_steinbock_crop(crop_file: Path, ds: h5py.Dataset) -> CropPlan:
@@ -414,7 +411,7 @@ def write_patched_crop(crop: CropPlan, dst: Path) -> None:
         with h5py.File(crop.path, "r") as f:
             data = f[crop.dataset][()]
     except (OSError, KeyError, RuntimeError, ValueError) as e:
-        raise SteinpixError(f"{crop.path}: cannot read the crop ({_first_line(e)})") from None
+        raise read_error(crop.path, e, "cannot read the crop", *H5_READERS) from e
     patched = np.transpose(data, crop.transpose_axes).reshape(crop.shape)
     images.write_steinbock_h5(patched, dst, images.CROP_DATASET)
 
@@ -475,7 +472,7 @@ def read_lanes(project_file: Path) -> list[Lane]:
             if _has_hdf5_signature(project_file)
             else ("not an HDF5 file, so not an ilastik project")
         )
-        raise SteinpixError(f"{project_file}: {problem} ({_first_line(e)})") from None
+        raise SteinpixError(f"{project_file}: {problem} ({first_line(e)})") from None
     with f:
         infos = f.get("Input Data/infos")
         if not isinstance(infos, h5py.Group):
@@ -840,9 +837,7 @@ def patch_project(
     except SteinpixError:
         raise
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise SteinpixError(
-            f"{project_file}: cannot patch the project ({_first_line(e)})"
-        ) from None
+        raise read_error(project_file, e, "cannot patch the project", *H5_READERS) from e
 
 
 # --- comparing, backing up and swapping files -----------------------------------------------
@@ -1072,7 +1067,7 @@ def fix(
             raise
     except OSError as e:
         raise SteinpixError(
-            f"{project_file}: fix failed, nothing changed ({_first_line(e)})"
+            f"{project_file}: fix failed, nothing changed ({first_line(e)})"
         ) from None
     finally:
         remove_paths([project_tmp, *crop_tmps.values()])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,7 @@ import numpy as np
 import tifffile
 
 from steinpix.atomic import atomic_output
-from steinpix.errors import SteinpixError
+from steinpix.errors import SteinpixError, read_error, reading
 
 IMG_DTYPE = np.dtype(os.environ.get("STEINBOCK_IMG_DTYPE", "float32"))
 
@@ -96,9 +98,40 @@ def _to_cyx(img_file: Path, img: np.ndarray) -> np.ndarray:
     raise SteinpixError(f"{img_file}: unsupported number of dimensions ({img.ndim})")
 
 
-def _tiff_error(img_file: Path, e: Exception) -> SteinpixError:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return SteinpixError(f"{img_file}: not a readable TIFF image ({reason})")
+# What tifffile and its codecs raise for damaged or unreadable files (found by fuzzing): the
+# file's fault when raised inside them, a bug in steinpix when raised by its own code.
+# TiffFileError is a ValueError only in newer tifffile releases; codec errors are RuntimeErrors.
+TIFF_READ_ERRORS = (
+    tifffile.TiffFileError,
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    struct.error,
+    zlib.error,
+    ArithmeticError,
+    IndexError,
+    KeyError,
+    TypeError,
+)
+
+TIFF_READERS = ("tifffile", "imagecodecs", "numpy")
+
+
+@contextmanager
+def reading_tiff(img_file: Path) -> Iterator[None]:
+    """Report what a damaged or missing TIFF raises inside the block as a one-line
+    :class:`SteinpixError` naming ``img_file``, and anything else as a bug in steinpix
+    (:class:`~steinpix.errors.InternalError`)."""
+    with reading(img_file):
+        try:
+            yield
+        except FileNotFoundError:
+            raise SteinpixError(f"{img_file}: file not found") from None
+        except MemoryError as e:  # a huge image, or a damaged header that claims one
+            raise SteinpixError(f"{img_file}: not enough memory to read it ({e})") from None
+        except TIFF_READ_ERRORS as e:
+            raise read_error(img_file, e, "not a readable TIFF image", *TIFF_READERS) from e
 
 
 def read_image(img_file: str | os.PathLike) -> np.ndarray:
@@ -113,38 +146,37 @@ def read_image(img_file: str | os.PathLike) -> np.ndarray:
     ------
     SteinpixError
         When the file is missing, not a TIFF, truncated, or of an unsupported shape.
+    InternalError
+        When reading fails for a reason other than the file (a bug in steinpix).
     """
     img_file = Path(img_file)
-    try:
+    with reading_tiff(img_file):
         img = tifffile.imread(img_file, squeeze=False)
-    except FileNotFoundError:
-        raise SteinpixError(f"{img_file}: file not found") from None
-    except Exception as e:  # tifffile raises many types for damaged files
-        raise _tiff_error(img_file, e) from None
     return _to_cyx(img_file, img)
 
 
-def _unsqueezed_shape(tif: tifffile.TiffFile) -> tuple[int, ...]:
-    """The shape ``imread(..., squeeze=False)`` returns, from the header only.
+def _unsqueezed_shape(tif: tifffile.TiffFile) -> tuple[int, ...] | None:
+    """The shape ``imread(..., squeeze=False)`` returns, from the header only (None: the
+    file holds no image).
 
     tifffile 2026.5.2 dropped ``TiffPageSeries.get_shape`` and made ``TiffFile.series``
     callable (``tif.series(squeeze=False)``); older releases have only the former.
     """
     if callable(tif.series):
-        return tuple(tif.series(squeeze=False)[0].shape)
-    return tuple(tif.series[0].get_shape(False))
+        series = tif.series(squeeze=False)
+        return tuple(series[0].shape) if len(series) else None
+    series = tif.series
+    return tuple(series[0].get_shape(False)) if len(series) else None
 
 
 def read_image_shape(img_file: str | os.PathLike) -> tuple[int, int, int]:
-    """The (C, Y, X) shape of a steinbock image, read from its header only."""
+    """The (C, Y, X) shape of a steinbock image, read from its header only (raises as
+    :func:`read_image`)."""
     img_file = Path(img_file)
-    try:
-        with tifffile.TiffFile(img_file) as tif:
-            shape = _unsqueezed_shape(tif)
-    except FileNotFoundError:
-        raise SteinpixError(f"{img_file}: file not found") from None
-    except Exception as e:
-        raise _tiff_error(img_file, e) from None
+    with reading_tiff(img_file), tifffile.TiffFile(img_file) as tif:
+        shape = _unsqueezed_shape(tif)
+    if shape is None:
+        raise SteinpixError(f"{img_file}: not a readable TIFF image (it holds no image)")
     return _to_cyx(img_file, np.empty(shape, dtype=np.uint8)).shape
 
 
@@ -172,25 +204,21 @@ class ImageChannels:
     def __init__(self, img_file: str | os.PathLike) -> None:
         self.img_file = Path(img_file)
         self._whole: np.ndarray | None = None
-        try:
+        with reading_tiff(self.img_file):
             self._tif = tifffile.TiffFile(self.img_file)
-        except FileNotFoundError:
-            raise SteinpixError(f"{self.img_file}: file not found") from None
-        except Exception as e:  # tifffile raises many types for damaged files
-            raise _tiff_error(self.img_file, e) from None
         try:
-            self._pages, self.shape = self._layout()
-        except SteinpixError:
+            with reading_tiff(self.img_file):
+                self._pages, self.shape = self._layout()
+        except BaseException:
             self.close()
             raise
-        except Exception as e:
-            self.close()
-            raise _tiff_error(self.img_file, e) from None
         self.page_wise = self._pages is not None
 
     def _layout(self) -> tuple[list | None, tuple[int, int, int]]:
         """The series' pages if page ``i`` is channel ``i`` (else None), and (C, Y, X)."""
         series_shape = _unsqueezed_shape(self._tif)
+        if series_shape is None:
+            raise SteinpixError(f"{self.img_file}: not a readable TIFF image (it holds no image)")
         shape = _to_cyx(self.img_file, np.empty(series_shape, dtype=np.uint8)).shape
         pages = list(self._tif.series[0].pages)
         size = self._tif.filehandle.size
@@ -208,7 +236,7 @@ class ImageChannels:
     def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
         """Channels ``indices`` (in that order) as a C-contiguous (n, Y, X) array, native dtype."""
         indices = np.asarray(indices, dtype=np.intp)
-        try:
+        with reading_tiff(self.img_file):
             if self._pages is None:
                 if self._whole is None:
                     self._whole = _to_cyx(self.img_file, self._tif.asarray(squeeze=False))
@@ -220,10 +248,6 @@ class ImageChannels:
                     out = np.empty((len(indices), *page.shape), dtype=page.dtype)
                 out[k] = page
             return out if out is not None else np.empty((0, *self.shape[1:]))
-        except (SteinpixError, MemoryError):
-            raise
-        except Exception as e:  # damaged pixel data
-            raise _tiff_error(self.img_file, e) from None
 
     def close(self) -> None:
         self._tif.close()
@@ -401,6 +425,16 @@ def aggregation_function(name: str) -> AggregationFunction:
     func = getattr(np, name, None) if name and not name.startswith("_") else None
     if not callable(func):
         raise SteinpixError(f"--aggr {name}: not a numpy function (try mean, max or median)")
+    # checked once here, so that preparing an image need not catch what a wrong function raises
+    try:
+        reduced = np.asarray(func(np.ones((2, 3, 4), dtype=np.float32), axis=0))
+    except (TypeError, ValueError) as e:
+        raise SteinpixError(f"--aggr {name}: not a reduction over channels ({e})") from None
+    if reduced.shape != (3, 4):
+        raise SteinpixError(
+            f"--aggr {name}: not a reduction over channels (gives shape {reduced.shape} "
+            "for 2 channels of 3 x 4 pixels)"
+        )
     return func
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from steinpix.errors import SteinpixError
+from steinpix.errors import SteinpixError, read_error
 
 ILASTIK_COLUMN = "ilastik"
 
@@ -53,11 +53,11 @@ def read_panel(panel_file: str | os.PathLike, unfiltered: bool = False) -> pd.Da
         )
     except FileNotFoundError:
         raise SteinpixError(f"{panel_file}: panel file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SteinpixError(f"{panel_file}: not a readable panel ({reason})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SteinpixError(f"{panel_file}: cannot read the panel ({e})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, TypeError) as e:
+        # pandas' own errors for bad contents; the same types from steinpix's code are bugs
+        raise read_error(panel_file, e, "not a readable panel", "pandas", "numpy") from e
     for required_col in ("channel", "name"):
         if required_col not in panel:
             raise SteinpixError(f"{panel_file}: missing '{required_col}' column")

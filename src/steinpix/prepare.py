@@ -117,8 +117,8 @@ def iter_prepare(
             result.error = str(e)
             yield result
             continue
-        except (ValueError, TypeError, MemoryError) as e:  # e.g. an --aggr that takes no axis
-            result.error = f"{img_file}: cannot create the ilastik image ({e})"
+        except MemoryError:
+            result.error = f"{img_file}: not enough memory to create the ilastik image"
             yield result
             continue
         ilastik_img_file = images.with_suffix(ilastik_img_dir / img_file.name, ".h5")

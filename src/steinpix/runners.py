@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
-from steinpix.errors import SteinpixError
+from steinpix.errors import SteinpixError, first_line
 from steinpix.outputs import output_name
 
 logger = logging.getLogger("steinpix")
@@ -600,11 +600,6 @@ def import_docker() -> Any:
     return docker
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def docker_client(client: Any = None) -> Any:
     """A Docker client that answers: ``client`` if given, else ``docker.from_env()``.
 
@@ -620,12 +615,12 @@ def docker_client(client: Any = None) -> Any:
             client = docker.from_env()
         except docker.errors.DockerException as e:
             raise SteinpixError(
-                f"Docker daemon not reachable ({_first_line(e)}); {hint}", 2
+                f"Docker daemon not reachable ({first_line(e)}); {hint}", 2
             ) from None
     try:
         client.ping()
     except Exception as e:  # requests' and the SDK's errors alike: the daemon did not answer
-        raise SteinpixError(f"Docker daemon not reachable ({_first_line(e)}); {hint}", 2) from None
+        raise SteinpixError(f"Docker daemon not reachable ({first_line(e)}); {hint}", 2) from None
     return client
 
 
@@ -641,7 +636,7 @@ def require_image(client: Any, image: str) -> None:
             exit_code=2,
         ) from None
     except docker.errors.APIError as e:
-        raise SteinpixError(f"Docker image {image}: {_first_line(e)}", exit_code=2) from None
+        raise SteinpixError(f"Docker image {image}: {first_line(e)}", exit_code=2) from None
 
 
 class DataMount:
@@ -753,7 +748,7 @@ def run_container(
         )
     except docker.errors.DockerException as e:
         raise SteinpixError(
-            f"cannot create a container from {image}: {_first_line(e)}", 2
+            f"cannot create a container from {image}: {first_line(e)}", 2
         ) from None
     try:
         with _termination_interrupts():
@@ -767,7 +762,7 @@ def run_container(
                 stop_container(container)
                 raise
             except docker.errors.DockerException as e:
-                raise SteinpixError(f"Docker: {_first_line(e)}", exit_code=2) from None
+                raise SteinpixError(f"Docker: {first_line(e)}", exit_code=2) from None
     finally:
         with contextlib.suppress(Exception):
             container.remove(force=True)

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import click
 
-from steinpix.errors import SteinpixError
+from steinpix.errors import InternalError, SteinpixError, first_line
 
 logger = logging.getLogger("steinpix")
 
@@ -88,7 +88,13 @@ ilp_option = click.option(
 
 
 def one_line_errors(func: Callable) -> Callable:
-    """Turn :class:`SteinpixError` into ``Error: <message>`` on stderr and its exit code."""
+    """Turn errors into ``Error: <message>`` on stderr and a non-zero exit.
+
+    :class:`SteinpixError` (the user's input) exits with its exit code; an :class:`OSError` (a
+    folder that cannot be written, a full disk) names its file; anything else is a bug in
+    steinpix and says so (``internal error in steinpix ... (please report)``), or shows its
+    full traceback with ``-v DEBUG``.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -101,6 +107,16 @@ def one_line_errors(func: Callable) -> Callable:
         except OSError as e:  # a folder that cannot be written, a full disk, ...
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except MemoryError as e:
+            raise click.ClickException(f"out of memory ({first_line(e)})") from None
+        except Exception as e:  # a bug in steinpix: never reported as the user's fault
+            if logger.isEnabledFor(logging.DEBUG):
+                raise
+            if not isinstance(e, InternalError):
+                e = InternalError.unexpected(e)
+            raise click.ClickException(str(e)) from None
 
     return wrapper
 
