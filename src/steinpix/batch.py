@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steinpix.atomic import remove_stale_temporaries
-from steinpix.errors import SteinpixError
+from steinpix.errors import SteinpixError, reading
 from steinpix.outputs import is_finished, output_path
 
 logger = logging.getLogger("steinpix")
@@ -185,7 +185,8 @@ def load_model(ilp: str | os.PathLike) -> tuple:
             from steinpix.engine import load_selection
             from steinpix.forest import load_supported_classifier
 
-            model = (load_supported_classifier(ilp), load_selection(ilp))
+            with reading(ilp):  # what escapes the readers' checks is a bug in steinpix
+                model = (load_supported_classifier(ilp), load_selection(ilp))
             while len(_models) >= MODEL_CACHE_SIZE:
                 _models.pop(next(iter(_models)))
             _models[key] = model
@@ -294,15 +295,16 @@ def _classify_builtin(job: Job, img_file: Path) -> ImageResult:
     start = time.perf_counter()
     try:
         classifier, selection = load_model(job.ilp)
-        engine.predict_file(
-            img_file,
-            outputs[0],
-            classifier,
-            selection,
-            profile=job.profile,
-            strip_bytes=job.strip_bytes,
-            exports={name: output_path(img_file, folder) for name, folder in job.exports},
-        )
+        with reading(img_file):  # a bug (not the image's fault) ends the batch
+            engine.predict_file(
+                img_file,
+                outputs[0],
+                classifier,
+                selection,
+                profile=job.profile,
+                strip_bytes=job.strip_bytes,
+                exports={name: output_path(img_file, folder) for name, folder in job.exports},
+            )
     except SteinpixError as e:
         return ImageResult(img_file, outputs, str(e))
     except OSError as e:  # e.g. a damaged chunk deep inside an HDF5 file

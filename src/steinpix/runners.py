@@ -619,7 +619,7 @@ def docker_client(client: Any = None) -> Any:
             ) from None
     try:
         client.ping()
-    except Exception as e:  # requests' and the SDK's errors alike: the daemon did not answer
+    except (docker.errors.DockerException, OSError) as e:  # requests' errors are OSErrors
         raise SteinpixError(f"Docker daemon not reachable ({first_line(e)}); {hint}", 2) from None
     return client
 
@@ -667,9 +667,10 @@ class DataMount:
 
 
 def _is_rootless(client: Any) -> bool:
+    docker = import_docker()
     try:
         options = client.info().get("SecurityOptions") or []
-    except Exception:  # a daemon (or stand-in) that does not say: assume the usual rootful one
+    except (docker.errors.DockerException, OSError):  # no answer: assume the usual rootful one
         return False
     return any("rootless" in str(option) for option in options)
 
@@ -700,10 +701,11 @@ def _write_bytes(stream: Any, data: bytes) -> None:
 def stop_container(container: Any, grace: float | None = None) -> None:
     """``docker stop`` (SIGTERM, SIGKILL after ``grace`` s); ``docker kill`` if that fails."""
     grace = STOP_GRACE_S if grace is None else grace
+    errors = (import_docker().errors.DockerException, OSError)  # the daemon's, not steinpix's
     try:
         container.stop(timeout=max(1, math.ceil(grace)))
-    except (Exception, KeyboardInterrupt):
-        with contextlib.suppress(Exception):
+    except (*errors, KeyboardInterrupt):
+        with contextlib.suppress(*errors):
             container.kill()
 
 
@@ -764,7 +766,7 @@ def run_container(
             except docker.errors.DockerException as e:
                 raise SteinpixError(f"Docker: {first_line(e)}", exit_code=2) from None
     finally:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(docker.errors.DockerException, OSError):
             container.remove(force=True)
     return int(result.get("StatusCode", 1)) if isinstance(result, Mapping) else int(result)
 

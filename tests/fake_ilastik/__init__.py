@@ -231,6 +231,9 @@ class StandInDockerClient:
         self.images = StandInImages(self)
         self.pings = 0
 
+    def info(self) -> dict[str, Any]:
+        return {"SecurityOptions": ["name=seccomp,profile=builtin"]}
+
     def ping(self) -> bool:
         self.pings += 1
         if not self.reachable:
