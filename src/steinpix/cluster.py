@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from steinpix import batch
-from steinpix.errors import SteinpixError
+from steinpix.errors import InternalError, SteinpixError, first_line
 
 logger = logging.getLogger("steinpix")
 
@@ -94,9 +94,8 @@ def connect(address: str, timeout: float | None = None) -> Any:
         raise SteinpixError(
             f"Dask scheduler {address} not reachable within {timeout:g} s", exit_code=2
         ) from None
-    except Exception as e:  # a malformed address, or something else than a Dask scheduler
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SteinpixError(f"Dask scheduler {address}: {detail}", exit_code=2) from None
+    except (ValueError, TypeError) as e:  # a malformed address ("unknown address scheme")
+        raise SteinpixError(f"Dask scheduler {address}: {first_line(e)}", exit_code=2) from None
     return client
 
 
@@ -216,8 +215,8 @@ def dask_executor(client: Any) -> batch.Executor:
                         exit_code=2,
                     )
                 error = future.exception()
-                if isinstance(error, SteinpixError):
-                    raise error  # the whole batch cannot run there
+                if isinstance(error, (SteinpixError, InternalError)):
+                    raise error  # the whole batch cannot run there, or a bug in steinpix
                 if isinstance(error, ImportError):
                     raise SteinpixError(
                         f"the Dask workers cannot run steinpix ({error}); install steinpix on "
