@@ -65,7 +65,7 @@ def test_bug_outside_reading_is_an_internal_error_too(workdir, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("oops")
 
-    monkeypatch.setattr(images, "create_ilastik_image", broken)
+    monkeypatch.setattr(images, "aggregate_channels", broken)
     result = prepare()
     assert result.exit_code == 1
     assert "Error: internal error in steinpix" in result.stderr
