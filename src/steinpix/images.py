@@ -617,9 +617,10 @@ def write_ilastik_image(
     def upscale(c: int) -> np.ndarray:
         return to_dtype(resize_channel(ilastik_img[c], scale_factor), IMG_DTYPE)
 
-    # numpy releases the GIL in its loops: upscale the next channels on the other cores while
-    # this thread writes; at most ``workers`` channels wait, so memory stays bounded
-    workers = max(1, min(n, os.cpu_count() or 1, 4))
+    # numpy releases the GIL in its loops: upscale the next channel(s) on another core while
+    # this thread writes; at most ``workers`` upscaled channels wait, so memory stays bounded
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, min(n, cores or 1, 2))
     with steinbock_h5_dataset(h5_file, IMG_DATASET, shape) as ds, ThreadPoolExecutor(
         workers
     ) as pool:
