@@ -190,3 +190,46 @@ def test_export_folder_must_not_be_the_probabilities_folder(workdir):
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and "own folder" in result.output
     assert not (workdir / "ilastik_probabilities").exists()
+
+
+def test_image_files_as_arguments(workdir):
+    names = ["20210305_NE_mockData1_001", "20210305_NE_mockData1_003"]
+    result = run(*(f"ilastik_img/{n}.h5" for n in names))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"ilastik_probabilities/{n}.tiff" for n in names]
+    assert outputs(workdir) == [f"{n}.tiff" for n in names]
+    for name in outputs(workdir):
+        np.testing.assert_array_equal(
+            tifffile.imread(workdir / "ilastik_probabilities" / name),
+            tifffile.imread(REF / "ilastik_probabilities" / name),
+        )
+    # a file elsewhere, with no ilastik_img folder where steinpix runs
+    shutil.move(workdir / "ilastik_img", workdir / "elsewhere")
+    result = run("elsewhere/20210305_NE_mockData1_002.h5", "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["out/20210305_NE_mockData1_002.tiff"]
+
+
+def test_image_files_and_img_folder_together_is_an_error(workdir):
+    result = run("ilastik_img/20210305_NE_mockData1_001.h5", "--img", "ilastik_img")
+    assert result.exit_code == 2
+    assert result.output == "Error: give image files or --img ilastik_img, not both\n"
+    assert not (workdir / "ilastik_probabilities").exists()
+
+
+def test_missing_default_image_folder(workdir):
+    shutil.rmtree(workdir / "ilastik_img")
+    result = run()
+    assert result.exit_code == 2
+    assert "Invalid value for '--img': Directory 'ilastik_img' does not exist." in result.output
+    result = run("missing.h5")
+    assert result.exit_code == 2 and "'missing.h5' does not exist" in result.output
+
+
+def test_two_images_with_one_name_are_an_error(workdir):
+    (workdir / "other").mkdir()
+    shutil.copy(workdir / "ilastik_img" / "20210305_NE_mockData1_001.h5", workdir / "other")
+    result = run("ilastik_img/20210305_NE_mockData1_001.h5", "other/20210305_NE_mockData1_001.h5")
+    assert result.exit_code == 1
+    assert "would both be written as 20210305_NE_mockData1_001.tiff" in result.output
+    assert not list((workdir / "ilastik_probabilities").iterdir())

@@ -383,11 +383,10 @@ def classify_task(job: Job, task: Task) -> list[ImageResult]:
 def check_job(job: Job, img_files: Sequence[Path]) -> None:
     """Checks of the whole batch before any task runs (one-line errors).
 
-    ilastik names outputs after the image's stem only: two images with one stem would
-    overwrite each other. Docker sees only the current folder: every path must lie inside it.
+    Outputs are named after the image's stem only (as steinbock names them): two images with
+    one stem, e.g. given as files from two folders, would overwrite each other. Docker sees
+    only the current folder: every path must lie inside it.
     """
-    if job.engine == "builtin":
-        return
     from steinpix import runners
 
     runners.check_unique_stems([Path(f) for f in img_files])
