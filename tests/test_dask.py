@@ -285,9 +285,15 @@ def test_unreachable_scheduler_is_one_line_and_fast(tmp_path):
 def test_bad_scheduler_file(tmp_path):
     project = make_project(tmp_path / "p")
     (project / "scheduler.json").write_text("{}")
-    result = cli(project, "--dask-scheduler-file", "scheduler.json")
+    env = {"STEINPIX_DASK_TIMEOUT": "0.5"}  # how long steinpix waits for the file to be complete
+    result = cli(project, "--dask-scheduler-file", "scheduler.json", env=env)
     assert result.exit_code == 2
     assert "Error: scheduler.json: not a Dask scheduler file" in result.stderr
+    result = cli(project, "--dask-scheduler-file", "missing.json", env=env)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (
+        "Error: missing.json: cannot read the scheduler file (No such file or directory)"
+    )
 
 
 def test_killed_worker_loses_and_corrupts_nothing(cluster, tmp_path):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -49,18 +50,26 @@ def import_distributed() -> Any:
     return distributed
 
 
-def read_scheduler_file(path: str | os.PathLike) -> str:
+def read_scheduler_file(path: str | os.PathLike, timeout: float = 0.0) -> str:
     """The scheduler address in a Dask scheduler file (``dask scheduler --scheduler-file``,
-    ``dask-mpi``, ``Client.write_scheduler_file``)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            address = json.load(f)["address"]
-    except OSError as e:
-        raise SteinpixError(f"{path}: cannot read the scheduler file ({e.strerror})", 2) from None
-    except (ValueError, KeyError, TypeError):
-        raise SteinpixError(
-            f"{path}: not a Dask scheduler file (a JSON object with an 'address')", 2
-        ) from None
+    ``dask-mpi``, ``Client.write_scheduler_file``).
+
+    Waits up to ``timeout`` seconds for the file to appear and be complete, since a job script
+    may start the scheduler in the background just before steinpix.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, encoding="utf-8") as f:
+                address = json.load(f)["address"]
+            break
+        except OSError as e:
+            problem = f"cannot read the scheduler file ({e.strerror})"
+        except (ValueError, KeyError, TypeError):
+            problem = "not a Dask scheduler file (a JSON object with an 'address')"
+        if time.monotonic() >= deadline:
+            raise SteinpixError(f"{path}: {problem}", exit_code=2)
+        time.sleep(0.1)
     if not isinstance(address, str) or not address:
         raise SteinpixError(f"{path}: the scheduler file has no address", exit_code=2)
     return address
@@ -167,7 +176,7 @@ def absolute_job(job: batch.Job) -> batch.Job:
     )
 
 
-def _task_error(distributed: Any, error: BaseException, task: batch.Task) -> str:
+def _task_error(distributed: Any, error: BaseException) -> str:
     if isinstance(error, distributed.KilledWorker):
         return (
             "its task ended the worker process several times (killed, out of memory?); "
@@ -223,7 +232,7 @@ def dask_executor(client: Any) -> batch.Executor:
                         "every worker, the same version as here",
                         exit_code=2,
                     )
-                message = _task_error(distributed, error, task)
+                message = _task_error(distributed, error)
                 yield [batch.ImageResult(f, job.outputs(f), f"{f}: {message}") for f in task.files]
         finally:
             unfinished = [f for f in futures if not f.done()]

@@ -43,9 +43,9 @@ def dask_address(address: str | None, scheduler_file: str | None) -> str | None:
     ctx = click.get_current_context()
     if address and ctx.get_parameter_source("dask_address_option") != ParameterSource.ENVIRONMENT:
         raise SteinpixError("give --dask or --dask-scheduler-file, not both", exit_code=2)
-    from steinpix.cluster import read_scheduler_file
+    from steinpix.cluster import connect_timeout, read_scheduler_file
 
-    return read_scheduler_file(scheduler_file)
+    return read_scheduler_file(scheduler_file, timeout=connect_timeout())
 
 
 @click.command(name="run", help="Run a pixel classification batch using Ilastik")
