@@ -12,8 +12,9 @@ Builds the images once (tiles of the IMC mock reference images, as ``make_mosaic
 - Dask, a ``dask scheduler`` and 1 or 2 ``dask worker --nthreads 1`` processes on 127.0.0.1,
   warmed up first (each worker has imported steinpix and loaded the compiled kernels).
 
-Reports the best and median wall time of ``--repeat`` batches, images per minute, the
-workers' peak resident memory, and the machine's load average before and after (other
+The configurations take turns, ``--repeat`` times. Reports the best and median wall time,
+images per minute, the least CPU time of a batch (this process's, or the workers' together),
+the workers' peak resident memory, and the machine's load average before and after (other
 processes share the cores).
 """
 
@@ -126,17 +127,29 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_batches(job, images, executor, repeat: int) -> list[float]:
+def _cpu_seconds() -> float:
+    """User and system CPU time of this process, all threads."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_batch(job, images, executor, client=None) -> tuple[float, float]:
+    """Wall and CPU seconds of one batch (CPU: of this process, or of the Dask workers)."""
     from steinpix import batch
 
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        failed = batch.run_batch(job, images, executor)
-        times.append(time.perf_counter() - start)
-        if failed:
-            raise SystemExit(f"{len(failed)} images failed: {failed[0].error}")
-    return times
+    def cpu() -> float:
+        if client is None:
+            return _cpu_seconds()
+        return sum(client.run(_cpu_seconds).values())
+
+    cpu0, start = cpu(), time.perf_counter()
+    failed = batch.run_batch(job, images, executor)
+    wall = time.perf_counter() - start
+    if failed:
+        raise SystemExit(f"{len(failed)} images failed: {failed[0].error}")
+    return wall, cpu() - cpu0
 
 
 def main() -> None:
@@ -154,36 +167,45 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()}")
     print(f"{args.count} images of {args.size} x {args.size}, best/median of {args.repeat}")
-    rows = []
+    configs = {}  # name -> (job, executor, client)
     for threads in (1, 2):
         job = batch.Job(ilp=ILP, out_dir=out_dir, threads=threads)
         batch.classify_task(job, batch.Task((small,)))  # warm: kernels loaded
-        rows.append(
-            (f"local, --threads {threads}", time_batches(job, images, batch.run_local, args.repeat))
-        )
-    for n in (1, 2):
-        with tempfile.TemporaryDirectory() as tmp:
-            dask = LocalDaskCluster(n, Path(tmp))
-            try:
-                client = cluster.connect(dask.address, timeout=60)
-                with contextlib.closing(client):
-                    client.wait_for_workers(n, timeout=120)
-                    client.run(_warm_up, str(ILP), str(small), str(out_dir))
-                    job = batch.Job(ilp=ILP, out_dir=out_dir)
-                    times = time_batches(job, images, cluster.dask_executor(client), args.repeat)
-                    rows.append((f"Dask, {n} worker(s) x 1 thread", times))
-                    peaks = sorted(client.run(_peak_rss_mib).values())
-                    print(
-                        f"Dask, {n} worker(s): peak RSS per worker "
-                        + ", ".join(f"{p:.0f} MiB" for p in peaks)
-                    )
-            finally:
-                dask.close()
-    print(f"{'configuration':32} {'best s':>8} {'median s':>9} {'images/min':>11}")
-    for name, times in rows:
-        best = min(times)
+        configs[f"local, --threads {threads}"] = (job, batch.run_local, None)
+    with contextlib.ExitStack() as stack:
+        for n in (1, 2):
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            dask = LocalDaskCluster(n, tmp)
+            stack.callback(dask.close)
+            client = stack.enter_context(
+                contextlib.closing(cluster.connect(dask.address, timeout=60))
+            )
+            client.wait_for_workers(n, timeout=120)
+            client.run(_warm_up, str(ILP), str(small), str(out_dir))
+            job = batch.Job(ilp=ILP, out_dir=out_dir)
+            configs[f"Dask, {n} worker(s) x 1 thread"] = (
+                job,
+                cluster.dask_executor(client),
+                client,
+            )
+        # configurations take turns, so that a change of the machine's load hits them alike
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+        for _ in range(args.repeat):
+            for name, (job, executor, client) in configs.items():
+                results[name].append(time_batch(job, images, executor, client))
+        for name, (_, _, client) in configs.items():
+            if client is not None:
+                peaks = sorted(client.run(_peak_rss_mib).values())
+                print(f"{name}: peak RSS per worker " + ", ".join(f"{p:.0f} MiB" for p in peaks))
+    header = f"{'configuration':32} {'best s':>8} {'median s':>9} {'images/min':>11} {'CPU s':>7}"
+    print(header)
+    for name, runs in results.items():
+        walls = [wall for wall, _ in runs]
+        best = min(walls)
+        cpu = min(c for _, c in runs)
         print(
-            f"{name:32} {best:8.1f} {statistics.median(times):9.1f} {60 * args.count / best:11.1f}"
+            f"{name:32} {best:8.1f} {statistics.median(walls):9.1f} "
+            f"{60 * args.count / best:11.1f} {cpu:7.1f}"
         )
     print(f"load average after: {os.getloadavg()}")
 
