@@ -27,13 +27,15 @@ import tifffile
 from steinpix.atomic import atomic_output, temporary_sibling
 from steinpix.errors import SteinpixError
 from steinpix.exports import EXPORTS, export_uint16
-from steinpix.features import FeatureSelection, compute_features, feature_names
-from steinpix.forest import Classifier, load_classifier, predict_proba
+from steinpix.features import FeatureSelection, feature_names
+from steinpix.forest import Classifier, load_classifier
+from steinpix.fused import classify
 from steinpix.images import IMG_DATASET
 from steinpix.outputs import is_finished, output_path
 
 __all__ = [
     "STRIP_BYTES",
+    "STRIP_PIXELS",
     "check_compatible",
     "export_uint16",
     "is_finished",
@@ -49,11 +51,14 @@ __all__ = [
     "write_probabilities",
 ]
 
-# Working memory of one strip (features, presmoothed planes, probabilities). predict_file streams
-# the image in and the TIFF out, so with the Python/numba runtime (~250 MiB) a run peaks near
-# 0.8 GiB for any image size. Only images so wide that a strip of one row plus its halo exceeds
-# the budget (over ~60,000 pixels with the default 160 features) need more.
+# Working memory of one strip (input, presmoothed planes, probabilities). predict_file streams
+# the image in and the TIFF out, so with the Python/numba runtime (~250 MiB) a run stays below
+# 1 GiB for any image size. Only images so wide that a strip of one row plus its halo exceeds
+# the budget (over ~60,000 pixels with 4 channels and 5 scales) need more.
 STRIP_BYTES = 512 * 1024**2
+# Output pixels per strip at most: smaller strips let reading and TIFF encoding overlap with
+# the computation; the halo rows they add are only presmoothed, which costs little.
+STRIP_PIXELS = 1_000_000
 # Uncompressed size of one TIFF strip of the output.
 TIFF_STRIP_BYTES = 256 * 1024
 
@@ -223,11 +228,13 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
     """
     n_features = selection.n_features(n_channels)
     n_scales = len(selection.selected_scales())
-    # per output row pixel: features and probabilities; per pixel of the strip with its halo:
-    # the float32 input, the presmoothed planes and one temporary plane
-    per_row_pixel = 4 * (n_features + n_outputs)
+    # per output row pixel: the float32 probabilities and their uint16 export; per pixel of the
+    # strip with its halo: the float32 input, the presmoothed planes and one temporary plane.
+    # The features of one row per thread are computed and classified in the cache.
+    per_row_pixel = 6 * n_outputs
     per_halo_pixel = 4 * (n_channels * (n_scales + 1) + 1)
-    budget = STRIP_BYTES if max_bytes is None else max_bytes
+    per_thread = 4 * n_features * width * numba.config.NUMBA_NUM_THREADS
+    budget = (STRIP_BYTES if max_bytes is None else max_bytes) - per_thread
     rows = (budget // width - 2 * selection.halo() * per_halo_pixel) // (
         per_row_pixel + per_halo_pixel
     )
@@ -239,8 +246,8 @@ def _strip_height(shape: tuple[int, int, int], classifier: Classifier,
                   strip_bytes: int | None = None) -> int:
     n_channels, height, width = shape
     rows = strip_rows(height, width, n_channels, selection, classifier.n_outputs, strip_bytes)
-    if max_pixels_per_strip is not None:
-        rows = max(min(rows, max_pixels_per_strip // width), 1)
+    max_pixels = STRIP_PIXELS if max_pixels_per_strip is None else max_pixels_per_strip
+    rows = max(min(rows, max_pixels // width), 1)
     rows = min(rows, height)
     # Same number of strips, but of even height (no thin last strip with a full halo).
     n_strips = -(-height // rows)
@@ -282,9 +289,8 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
     check_compatible(img.shape, classifier, selection, source)
     _, height, width = img.shape
     rows = _strip_height(img.shape, classifier, selection, max_pixels_per_strip, strip_bytes)
-    halo, n_features, n_out = selection.halo(), classifier.n_features, classifier.n_outputs
-    # Buffers for the largest strip, reused (as views of their first elements) by every strip.
-    feature_buf = np.empty(min(height, rows) * width * n_features, dtype=np.float32)
+    halo, n_out = selection.halo(), classifier.n_outputs
+    # Buffer for the largest strip, reused (as a view of its first elements) by every strip.
     prob_buf = np.empty(rows * width * n_out, dtype=np.float32)
     starts = list(range(0, height, rows))
 
@@ -300,13 +306,11 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
                 pending = reader.submit(read, starts[i + 1])
             y1 = min(height, y0 + rows)
             a = max(0, y0 - halo)
-            out = feature_buf[:(y1 - y0) * width * n_features].reshape(y1 - y0, width, n_features)
-            features = compute_features(strip, selection, profile, out=out, rows=(y0 - a, y1 - a))
-            pixels = features.reshape(-1, n_features)
-            probs = predict_proba(classifier, pixels,
-                                  out=prob_buf[:pixels.shape[0] * n_out].reshape(-1, n_out))
+            out = prob_buf[:(y1 - y0) * width * n_out].reshape(y1 - y0, width, n_out)
+            probs = classify(strip, selection, classifier, profile, rows=(y0 - a, y1 - a),
+                             out=out)
             del strip
-            probs = probs.reshape(y1 - y0, width, n_out)
+            # Here the strip's float32 probabilities exist: extra exports are computed from them.
             if on_strip is not None:
                 on_strip(probs)
             yield export_uint16(probs)
@@ -332,8 +336,8 @@ def predict_image(img: np.ndarray, classifier: Classifier, selection: FeatureSel
     profile : {"133", "14x"}
         Arithmetic profile of the feature filters (ilastik 1.3.3post3 or 1.4.x).
     max_pixels_per_strip : int, optional
-        Output pixels per strip (rounded down to whole rows, at least ``min_size`` rows). By
-        default strips are sized from the feature count to stay within :data:`STRIP_BYTES`.
+        Output pixels per strip (rounded down to whole rows, at least one row); default
+        :data:`STRIP_PIXELS`. Strips are also kept within :data:`STRIP_BYTES`.
     source : str
         Image name used in error messages.
 

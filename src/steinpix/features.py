@@ -1091,6 +1091,62 @@ def _transpose_row(scratch, out_row):
 
 
 @_jit
+def _row_state(planes, coefs, radius, columns, n_ring, y0, n_feat):
+    """Scratch space of stage 2 for output rows from ``y0`` on, for one thread.
+
+    Returns ``(rings, scratch, tmp, pad, front)``: the ring buffers of x-filtered rows, the
+    (features, x) rows of one output row, the row temporaries, a padded row and, per
+    (channel, scale), the next x-filtered and structure-tensor rows. The fronts start far
+    enough above y0 for every row the first output row depends on.
+    """
+    n_channels, n_scales, _, width = planes.shape
+    rings = np.empty((n_channels, n_scales, _N_RINGS, n_ring, width), dtype=np.float32)
+    scratch = np.empty((n_feat, width), dtype=np.float32)
+    tmp = np.empty((_N_TMP, width), dtype=np.float32)
+    pad = np.empty(width + 2 * coefs.shape[2], dtype=np.float32)
+    front = np.empty((n_channels, n_scales, 2), dtype=np.int64)
+    for s in range(n_scales):
+        k, kd, kg = radius[s, _K_G0], radius[s, _K_DOG], radius[s, _K_GRAD0]
+        first_x = y0 - max(k, kd)
+        if columns[s, _STE, 0, 0] >= 0:
+            first_x = min(first_x, y0 - k - kg)
+        for c in range(n_channels):
+            front[c, s, 0] = max(0, first_x)
+            front[c, s, 1] = max(0, y0 - k)
+    return rings, scratch, tmp, pad, front
+
+
+@_jit
+def _row_features(
+    planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y, rings, scratch, tmp,
+    pad, front
+):
+    """Every feature of every (channel, scale) of output row ``y`` into ``scratch[f, x]``.
+
+    Rows must be visited in increasing order after :func:`_row_state`.
+    """
+    n_channels, n_scales = planes.shape[0], planes.shape[1]
+    for c in range(n_channels):
+        for s in range(n_scales):
+            _feature_row(
+                planes[c, s],
+                rings[c, s],
+                coefs[s],
+                radius[s],
+                x_jobs[s],
+                y_jobs[s],
+                columns[s, :, c, :],
+                front[c, s],
+                y,
+                n_ring,
+                scratch,
+                tmp,
+                pad,
+                unfused,
+            )
+
+
+@_jit
 def _feature_rows(
     planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y0, y1, out, out_y0
 ):
@@ -1114,42 +1170,11 @@ def _feature_rows(
         Row ``y`` of the image goes to ``out[y - out_y0]``.
     out_y0 : int
     """
-    n_channels, n_scales, _, width = planes.shape
-    n_feat = out.shape[2]
-    rings = np.empty((n_channels, n_scales, _N_RINGS, n_ring, width), dtype=np.float32)
-    scratch = np.empty((n_feat, width), dtype=np.float32)
-    tmp = np.empty((_N_TMP, width), dtype=np.float32)
-    pad = np.empty(width + 2 * coefs.shape[2], dtype=np.float32)
-    # front[c, s] = (next x-filtered row, next structure-tensor row). They start far enough
-    # above y0 for every row the first output row depends on.
-    front = np.empty((n_channels, n_scales, 2), dtype=np.int64)
-    for s in range(n_scales):
-        k, kd, kg = radius[s, _K_G0], radius[s, _K_DOG], radius[s, _K_GRAD0]
-        first_x = y0 - max(k, kd)
-        if columns[s, _STE, 0, 0] >= 0:
-            first_x = min(first_x, y0 - k - kg)
-        for c in range(n_channels):
-            front[c, s, 0] = max(0, first_x)
-            front[c, s, 1] = max(0, y0 - k)
+    rings, scratch, tmp, pad, front = _row_state(planes, coefs, radius, columns, n_ring, y0,
+                                                 out.shape[2])
     for y in range(y0, y1):
-        for c in range(n_channels):
-            for s in range(n_scales):
-                _feature_row(
-                    planes[c, s],
-                    rings[c, s],
-                    coefs[s],
-                    radius[s],
-                    x_jobs[s],
-                    y_jobs[s],
-                    columns[s, :, c, :],
-                    front[c, s],
-                    y,
-                    n_ring,
-                    scratch,
-                    tmp,
-                    pad,
-                    unfused,
-                )
+        _row_features(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y,
+                      rings, scratch, tmp, pad, front)
         _transpose_row(scratch, out[y - out_y0])
 
 
@@ -1202,6 +1227,36 @@ def compute_features(
     Besides ``out``, the call allocates ``C * S + 1`` planes of Y x X float32 (S = number of
     selected scales) and a few rows per thread.
     """
+    img, plan, (r0, r1) = prepare(img, selection, profile, rows)
+    shape = (r1 - r0, img.shape[2], plan.n_features)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous float32 array of shape {shape}, "
+            f"not {out.dtype} {out.shape}"
+        )
+    unfused = profile == "14x"
+    with Runner(max(1, min(numba.get_num_threads(), r1 - r0))) as run:
+        planes = presmooth(img, selection, plan, (r0, r1), unfused, run)
+        args = (planes, *stage2_args(plan), unfused)
+        run(_feature_rows, [(*args, a, b, out, r0) for a, b in run.chunks(r0, r1)])
+    return out
+
+
+def prepare(
+    img: np.ndarray, selection: FeatureSelection, profile: str, rows: tuple[int, int] | None
+) -> tuple[np.ndarray, _Plan, tuple[int, int]]:
+    """Check the arguments of :func:`compute_features`.
+
+    Returns
+    -------
+    img : (C, Y, X) C-contiguous ndarray of float32
+    plan : _Plan
+        Kernels and output columns of the selection for C channels.
+    rows : (int, int)
+        The output rows r0..r1 (default: all).
+    """
     if profile not in PROFILES:
         raise SteinpixError(f"unknown arithmetic profile {profile!r} (choose from {PROFILES})")
     img = np.ascontiguousarray(img, dtype=np.float32)
@@ -1212,42 +1267,50 @@ def compute_features(
     r0, r1 = (0, height) if rows is None else (int(rows[0]), int(rows[1]))
     if not 0 <= r0 < r1 <= height:
         raise ValueError(f"rows {rows} outside the image's {height} rows")
-    plan = _make_plan(selection, n_channels)
-    shape = (r1 - r0, width, plan.n_features)
-    if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(
-            f"out must be a C-contiguous float32 array of shape {shape}, "
-            f"not {out.dtype} {out.shape}"
-        )
-    unfused = profile == "14x"
-    n_threads = max(1, min(numba.get_num_threads(), r1 - r0))
+    return img, _make_plan(selection, n_channels), (r0, r1)
 
-    def chunks(a: int, b: int) -> list[tuple[int, int]]:
-        return [
-            (a + i * (b - a) // n_threads, a + (i + 1) * (b - a) // n_threads)
-            for i in range(n_threads)
-        ]
 
+def stage2_args(plan: _Plan) -> tuple:
+    """The plan's arrays in the order the stage-2 kernels take them (after the planes)."""
+    return plan.coefs, plan.radius, plan.x_jobs, plan.y_jobs, plan.columns, plan.ring_rows
+
+
+def presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan, rows: tuple[int, int],
+              unfused: bool, run: Runner) -> np.ndarray:
+    """Stage 1: the presmoothed planes that the feature filters of output ``rows`` read.
+
+    Parameters
+    ----------
+    img : (C, Y, X) C-contiguous ndarray of float32
+    selection, plan
+        The feature selection and its :func:`_make_plan`.
+    rows : (int, int)
+        Output rows r0..r1.
+    unfused : bool
+        Profile 14x.
+    run : Runner
+
+    Returns
+    -------
+    (C, S, Y, X) ndarray of float32
+        Planes per channel and selected scale; only the rows the features of r0..r1 read
+        (r0 - margin .. r1 + margin) are computed.
+    """
+    n_channels, height, width = img.shape
+    r0, r1 = rows
     # presmoothed rows that the feature filters of rows r0..r1 read (mirrored reads included)
     margin = _feature_margin(selection)
     p0, p1 = max(0, r0 - margin), min(height, r1 + margin)
     planes = np.empty((n_channels, len(plan.pre_radius), height, width), dtype=np.float32)
     tmp = np.empty((height, width), dtype=np.float32)
-    with _Runner(n_threads) as run:
-        for c in range(n_channels):
-            for s in range(len(plan.pre_radius)):
-                coefs, k = plan.pre_coefs[s], int(plan.pre_radius[s])
-                x_rows = chunks(max(0, p0 - k), min(height, p1 + k))
-                run(_xpass_rows, [(img[c], coefs, k, False, unfused, a, b, tmp) for a, b in x_rows])
-                y_rows = chunks(p0, p1)
-                run(_ypass_rows, [(tmp, coefs, k, False, a, b, planes[c, s]) for a, b in y_rows])
-        del tmp
-        args = (plan.coefs, plan.radius, plan.x_jobs, plan.y_jobs, plan.columns, plan.ring_rows)
-        args = (*args, unfused)
-        run(_feature_rows, [(planes, *args, a, b, out, r0) for a, b in chunks(r0, r1)])
-    return out
+    for c in range(n_channels):
+        for s in range(len(plan.pre_radius)):
+            coefs, k = plan.pre_coefs[s], int(plan.pre_radius[s])
+            x_rows = run.chunks(max(0, p0 - k), min(height, p1 + k))
+            run(_xpass_rows, [(img[c], coefs, k, False, unfused, a, b, tmp) for a, b in x_rows])
+            y_rows = run.chunks(p0, p1)
+            run(_ypass_rows, [(tmp, coefs, k, False, a, b, planes[c, s]) for a, b in y_rows])
+    return planes
 
 
 def _feature_margin(selection: FeatureSelection) -> int:
@@ -1260,18 +1323,24 @@ def _feature_margin(selection: FeatureSelection) -> int:
     )
 
 
-class _Runner:
+class Runner:
     """Run a nogil kernel on several argument tuples at once, in a thread pool."""
 
     def __init__(self, n_threads: int) -> None:
+        self.n_threads = n_threads
         self._pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
 
-    def __enter__(self) -> _Runner:
+    def __enter__(self) -> Runner:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+
+    def chunks(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Rows a..b cut into one contiguous chunk per thread."""
+        n = self.n_threads
+        return [(a + i * (b - a) // n, a + (i + 1) * (b - a) // n) for i in range(n)]
 
     def __call__(self, kernel, arg_tuples: list[tuple]) -> None:
         if self._pool is None:

@@ -988,34 +988,50 @@ def _store_block(res, nan, out_channel, total_tree_count, combine, lo, m, out):
             out[row, out_channel[c]] = value / total_tree_count if combine else value
 
 
+@numba.njit(cache=True, nogil=True)
+def _block_state(ff, n_features):
+    """Scratch space of one thread for :func:`_classify_block`."""
+    n_classes = ff.leaf_f32.shape[1]
+    n_slots = max(ff.tree_slot_start[-1], 1)
+    return (
+        np.empty(n_features * LANES, dtype=np.float32),  # xt
+        np.empty(LANES, dtype=np.bool_),  # nan
+        np.empty(n_slots * LANES, dtype=np.uint32),  # bits
+        np.empty(ff.tree_root.size * LANES, dtype=np.uint32),  # leaf
+        np.empty(n_classes * LANES, dtype=np.float32),  # acc
+        np.empty(LANES, dtype=np.float64),  # total
+        np.empty(n_classes * LANES, dtype=np.float32),  # res
+        np.empty(LANES, dtype=np.uint64),  # packed
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _classify_block(ff, out_channel, state, lo, m, out):
+    """Probabilities of the ``m`` pixels whose features are in ``state``'s ``xt`` and ``nan``
+    (see :func:`_load_block`) into ``out[lo:lo + m]``."""
+    xt, nan, bits, leaf, acc, total, res, packed = state
+    _quickscorer(xt, bits, ff.qs_slot_start, ff.qs_column, ff.qs_threshold, ff.qs_mask)
+    _tree_leaves(ff, xt, bits, leaf)
+    if ff.votes:
+        _vote_block(ff, leaf, packed, res)
+    else:
+        _general_block(ff, leaf, acc, total, res)
+    _store_block(res, nan, out_channel, ff.total_tree_count, ff.combine, lo, m, out)
+
+
 @numba.njit(cache=True, parallel=True, nogil=True)
 def _predict_kernel(x, ff, out_channel, out, n_threads):
     n, n_features = x.shape
-    n_classes = ff.leaf_f32.shape[1]
-    n_slots = max(ff.tree_slot_start[-1], 1)
     n_blocks = (n + LANES - 1) // LANES
     # Contiguous runs of blocks per work item, so scratch space is allocated once per run.
     n_runs = min(n_blocks, 8 * n_threads)
     for r in numba.prange(n_runs):
-        xt = np.empty(n_features * LANES, dtype=np.float32)
-        nan = np.empty(LANES, dtype=np.bool_)
-        bits = np.empty(n_slots * LANES, dtype=np.uint32)
-        leaf = np.empty(ff.tree_root.size * LANES, dtype=np.uint32)
-        acc = np.empty(n_classes * LANES, dtype=np.float32)
-        total = np.empty(LANES, dtype=np.float64)
-        res = np.empty(n_classes * LANES, dtype=np.float32)
-        packed = np.empty(LANES, dtype=np.uint64)
+        state = _block_state(ff, n_features)
         for b in range(r * n_blocks // n_runs, (r + 1) * n_blocks // n_runs):
             lo = b * LANES
             m = min(LANES, n - lo)
-            _load_block(x, lo, m, xt, nan)
-            _quickscorer(xt, bits, ff.qs_slot_start, ff.qs_column, ff.qs_threshold, ff.qs_mask)
-            _tree_leaves(ff, xt, bits, leaf)
-            if ff.votes:
-                _vote_block(ff, leaf, packed, res)
-            else:
-                _general_block(ff, leaf, acc, total, res)
-            _store_block(res, nan, out_channel, ff.total_tree_count, ff.combine, lo, m, out)
+            _load_block(x, lo, m, state[0], state[1])
+            _classify_block(ff, out_channel, state, lo, m, out)
 
 
 def predict_proba(classifier: Classifier, features: np.ndarray,

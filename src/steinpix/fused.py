@@ -1,0 +1,132 @@
+"""Features and forest fused per image row: the built-in engine's inner loop.
+
+:func:`classify` computes the same probabilities as ``predict_proba(compute_features(img))``,
+bit for bit, without the (pixels, features) matrix in between: each thread computes the
+features of one output row into a (features, x) buffer of about a megabyte, which stays in the
+CPU's cache, and classifies that row right away, 16 pixels at a time. That saves writing the
+160 features of every pixel to memory and reading them back (2.5 GB per 2000 x 2000 image), the
+two transposes around it, and a strip's feature buffer.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from steinpix import features
+from steinpix.features import FeatureSelection
+from steinpix.forest import LANES, Classifier, _block_state, _classify_block
+
+__all__ = ["classify"]
+
+_U = np.uint64
+
+
+@numba.njit(cache=True, nogil=True)
+def _load_columns(scratch, x0, m, xt, nan):
+    """Pixels ``x0 .. x0 + m`` of a (features, x) row into the block layout
+    ``xt[feature * LANES + lane]``; ``nan[lane]`` flags pixels with a NaN feature (vigra gives
+    them zeros) and the padding lanes beyond ``m``."""
+    n_feat = scratch.shape[0]
+    if m == LANES:
+        for j in range(n_feat):
+            src = scratch[j, x0:x0 + LANES]
+            base = _U(j) * _U(LANES)
+            for lane in range(LANES):
+                xt[base + _U(lane)] = src[lane]
+        for lane in range(LANES):
+            nan[lane] = False
+        for j in range(n_feat):
+            base = _U(j) * _U(LANES)
+            for lane in range(LANES):
+                v = xt[base + _U(lane)]
+                nan[lane] |= v != v
+        return
+    for lane in range(LANES):  # the last, partial block of a row
+        for j in range(n_feat):
+            v = scratch[j, x0 + lane] if lane < m else np.float32(0.0)
+            xt[_U(j) * _U(LANES) + _U(lane)] = v
+        bad = lane >= m
+        for j in range(n_feat):
+            bad |= np.isnan(xt[_U(j) * _U(LANES) + _U(lane)])
+        nan[lane] = bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _classify_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y0, y1,
+                   n_feat, ff, out_channel, out, out_y0):
+    """Features and probabilities of output rows y0..y1 (one thread).
+
+    The first eight arguments and ``y0``, ``y1`` are those of ``features._feature_rows``;
+    ``ff`` and ``out_channel`` those of ``forest._predict_kernel``. Row ``y``'s probabilities
+    go to ``out[y - out_y0]`` ((W, n_outputs) float32).
+    """
+    width = planes.shape[3]
+    rings, scratch, tmp, pad, front = features._row_state(planes, coefs, radius, columns,
+                                                          n_ring, y0, n_feat)
+    state = _block_state(ff, n_feat)
+    for y in range(y0, y1):
+        features._row_features(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused,
+                               y, rings, scratch, tmp, pad, front)
+        row = out[y - out_y0]
+        for x0 in range(0, width, LANES):
+            m = min(LANES, width - x0)
+            _load_columns(scratch, x0, m, state[0], state[1])
+            _classify_block(ff, out_channel, state, x0, m, row)
+
+
+def classify(
+    img: np.ndarray,
+    selection: FeatureSelection,
+    classifier: Classifier,
+    profile: str = "133",
+    rows: tuple[int, int] | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Class probabilities of the pixels of an image (or of some of its rows).
+
+    Equal, bit for bit, to ``predict_proba(classifier, compute_features(img, selection,
+    profile, rows=rows).reshape(-1, F))`` reshaped to rows x width.
+
+    Parameters
+    ----------
+    img : (C, Y, X) ndarray, any real dtype
+        The image (converted to float32 as ilastik does).
+    selection : FeatureSelection
+        The project's feature selection.
+    classifier : Classifier
+        The project's classifier; its feature columns must be the selection's.
+    profile : {"133", "14x"}, optional
+        Arithmetic profile of the feature filters.
+    rows : (int, int), optional
+        Only classify output rows ``rows[0] .. rows[1] - 1`` (default: all); the filters still
+        see the whole of ``img``, as in :func:`steinpix.features.compute_features`.
+    out : (R, X, n_outputs) C-contiguous ndarray of float32, optional
+        Buffer for the result.
+
+    Returns
+    -------
+    (R, X, n_outputs) ndarray of float32
+        The probabilities (``n_outputs`` = number of label names), before the uint16 export.
+
+    Raises
+    ------
+    SteinpixError
+        As :func:`steinpix.features.compute_features`.
+    """
+    img, plan, (r0, r1) = features.prepare(img, selection, profile, rows)
+    if plan.n_features != classifier.n_features:
+        raise ValueError(f"the selection gives {plan.n_features} feature columns, the "
+                         f"classifier expects {classifier.n_features}")
+    shape = (r1 - r0, img.shape[2], classifier.n_outputs)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+    unfused = profile == "14x"
+    with features.Runner(max(1, min(numba.get_num_threads(), r1 - r0))) as run:
+        planes = features.presmooth(img, selection, plan, (r0, r1), unfused, run)
+        args = (planes, *features.stage2_args(plan), unfused)
+        forest_args = (plan.n_features, classifier.flat, classifier.output_channels, out, r0)
+        run(_classify_rows, [(*args, a, b, *forest_args) for a, b in run.chunks(r0, r1)])
+    return out
