@@ -19,7 +19,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
-import imagecodecs
 import numba
 import numpy as np
 import tifffile
@@ -31,6 +30,7 @@ from steinpix.features import FeatureSelection, feature_names
 from steinpix.forest import Classifier, load_classifier
 from steinpix.fused import classify
 from steinpix.images import IMG_DATASET
+from steinpix.lzw import lzw_encode
 from steinpix.outputs import is_finished, output_path
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "STRIP_PIXELS",
     "check_compatible",
     "export_uint16",
+    "init_numba",
     "is_finished",
     "iter_strips",
     "load_project",
@@ -72,6 +73,32 @@ def kernels_cached() -> bool:
         return Path(features._feature_rows._cache._cache_file._index_path).exists()
     except AttributeError:  # numba internals moved: no hint rather than a wrong one
         return True
+
+
+def init_numba(linalg: bool = True) -> None:
+    """Initialise numba's CPU target now, as the first compiled call would (about 0.4 s).
+
+    Parameters
+    ----------
+    linalg : bool
+        False: without numba's linear algebra. numba imports ``scipy.linalg`` (about 0.2 s)
+        only to give ``np.dot`` and ``np.linalg`` in compiled code a BLAS; the engine's kernels
+        use neither. numba then has no linear algebra in this process, so only a process that
+        runs nothing but the engine (the ``run`` command) should pass False. Without effect
+        when ``scipy.linalg`` or numba's target is loaded already.
+    """
+    import sys
+
+    from numba.core.registry import cpu_target
+
+    block = not linalg and "scipy.linalg" not in sys.modules
+    if block:
+        sys.modules["scipy.linalg"] = None  # makes `import scipy.linalg...` fail at once
+    try:
+        cpu_target.target_context.refresh()
+    finally:
+        if block and sys.modules.get("scipy.linalg", 0) is None:
+            del sys.modules["scipy.linalg"]
 
 
 def set_threads(n: int | None) -> int:
@@ -379,13 +406,13 @@ def _row_chunks(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[n
 def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[bytes]:
     """LZW-encoded TIFF strips of ``rows_per_strip`` rows from arrays of any row count.
 
-    Encoding runs in a background thread (imagecodecs releases the GIL), so a strip's
+    Encoding runs in a background thread (the numba encoder releases the GIL), so a strip's
     compression overlaps with the computation of the next one; order is kept.
     """
     queue: collections.deque[Future] = collections.deque()
     with ThreadPoolExecutor(1) as pool:
         for rows in _row_chunks(strips, rows_per_strip):
-            queue.append(pool.submit(lambda r: imagecodecs.lzw_encode(r.tobytes()), rows))
+            queue.append(pool.submit(lzw_encode, rows))
             while queue and queue[0].done():
                 yield queue.popleft().result()
         while queue:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import click
 
-from steinpix import __version__
 from steinpix._cli.apps import apps_group
 from steinpix._cli.fix import fix_cmd
 from steinpix._cli.prepare import prepare_cmd
 from steinpix._cli.preview import preview_cmd
 from steinpix._cli.run import run_cmd
+
+
+def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``--version``, like click's version option, with the version looked up only then."""
+    if not value or ctx.resilient_parsing:
+        return
+    from steinpix import __version__
+
+    click.echo(f"steinpix, version {__version__}")
+    ctx.exit()
 
 
 class OrderedGroup(click.Group):
@@ -20,7 +29,8 @@ class OrderedGroup(click.Group):
 
 
 @click.group(name="steinpix", cls=OrderedGroup)
-@click.version_option(__version__, prog_name="steinpix")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_show_version, help="Show the version and exit.")
 def main() -> None:
     """steinbock's ilastik pixel classification, with a built-in ilastik engine."""
 

@@ -210,6 +210,11 @@ def run_cmd(
                 click.echo(output)
 
     if address is None:
+        if chosen == "builtin":
+            from steinpix import engine
+
+            # this process runs nothing but the engine: numba's target without linear algebra
+            engine.init_numba(linalg=False)
         failed = batch.run_batch(job, pending, on_result=report)
     else:
         from steinpix import cluster
