@@ -1,8 +1,13 @@
-"""Time steinpix.features.compute_features on a large image.
+"""Time steinpix.features.compute_features on a large image, and the features in the engine.
 
 Example::
 
     python benchmarks/bench_features.py --size 2000 --threads 1 2
+
+``compute_features`` writes the (Y, X, features) matrix. The engine (``steinpix.fused``) never
+does: it computes one row's features at a time into a buffer that stays in the cache and
+classifies them at once; "engine, features only" times that without the classification,
+strip by strip as ``predict_file`` runs it.
 
 The image is the IMC mock data tiled to the requested size when the shared data is present,
 random data otherwise. The selection is the pretrained project's (all six features at scales
@@ -20,7 +25,11 @@ import h5py
 import numba
 import numpy as np
 
+from steinpix import features as feat
+from steinpix import fused
+from steinpix.engine import STRIP_PIXELS
 from steinpix.features import FEATURE_IDS, FeatureSelection, compute_features
+from steinpix.forest import load_classifier
 from steinpix.project import SCALES, SELECTED_SCALES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imc-mock"
@@ -86,6 +95,39 @@ def main() -> None:
                 compute_features(img, selection, args.profile, out=out)
             best = min(best, time.perf_counter() - t0)
         print(f"{threads} thread(s): {best:.2f} s per image (best of {args.repeat})")
+    if args.ilp is not None or DEFAULT_ILP.exists():
+        classifier = load_classifier(args.ilp or DEFAULT_ILP)
+        rows = args.strip or max(1, STRIP_PIXELS // img.shape[2])
+        for threads in args.threads:
+            numba.set_num_threads(threads)
+            best, median = engine_times(img, selection, classifier, args.profile, rows, False,
+                                        args.repeat)
+            print(f"{threads} thread(s), engine, features only: {best:.2f} s per image best, "
+                  f"{median:.2f} s median")
+
+
+def engine_times(img: np.ndarray, selection: FeatureSelection, classifier, profile: str,
+                 rows: int, forest: bool, repeat: int) -> tuple[float, float]:
+    """Best and median time of the engine's fused kernel over an image, strip by strip (rows
+    per strip, with the halo), with or without the classification."""
+    height, width = img.shape[1:]
+    halo = selection.halo()
+    out = np.zeros((rows, width, classifier.n_outputs), dtype=np.float32)
+    times = []
+    for _ in range(repeat + 1):  # the first run loads the kernels
+        t0 = time.perf_counter()
+        for y0 in range(0, height, rows):
+            y1 = min(height, y0 + rows)
+            a, b = max(0, y0 - halo), min(height, y1 + halo)
+            strip, plan, (r0, r1) = feat.prepare(img[:, a:b], selection, profile, (y0 - a, y1 - a))
+            with feat.Runner(numba.get_num_threads()) as run:
+                planes = feat.presmooth(strip, selection, plan, (r0, r1), profile == "14x", run)
+                args = (planes, *feat.stage2_args(plan), profile == "14x")
+                extra = (plan.n_features, classifier.flat, classifier.output_channels, out, r0,
+                         forest)
+                run(fused._classify_rows, [(*args, a, b, *extra) for a, b in run.chunks(r0, r1)])
+        times.append(time.perf_counter() - t0)
+    return min(times[1:]), float(np.median(times[1:]))
 
 
 def run_strips(img: np.ndarray, selection: FeatureSelection, profile: str, rows: int) -> None:

@@ -9,6 +9,10 @@ The features are those of the first ``--rows`` rows of ``benchmarks/work/img/mos
 (real IMC statistics, so the trees take realistic paths), computed once. ``--compile`` also
 measures, in fresh processes, the first ``predict_proba`` call with an empty numba cache
 (compilation) and with the cache the first run left behind.
+
+``predict_proba`` classifies a (pixels, features) matrix. The engine (``steinpix.fused``)
+classifies each image row right after computing its features, from the cache; its forest time
+is the engine's time with the classification minus its time without it, over the same rows.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from bench_features import engine_times
+
+from steinpix.engine import STRIP_PIXELS
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work"
@@ -86,6 +93,15 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         best, median = min(times), float(np.median(times))
         print(f"threads {threads}: {n / best / 1e6:.2f} Mpixel/s best, "
+              f"{n / median / 1e6:.2f} median ({best:.3f} s best)", flush=True)
+    rows = max(1, STRIP_PIXELS // img.shape[2])
+    for threads in args.threads:
+        engine.set_threads(threads)
+        with_forest = engine_times(img, selection, classifier, "133", rows, True, args.repeat)
+        without = engine_times(img, selection, classifier, "133", rows, False, args.repeat)
+        best = with_forest[0] - without[0]
+        median = with_forest[1] - without[1]
+        print(f"threads {threads}, engine (fused): {n / best / 1e6:.2f} Mpixel/s best, "
               f"{n / median / 1e6:.2f} median ({best:.3f} s best)", flush=True)
 
 

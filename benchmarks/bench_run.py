@@ -4,12 +4,13 @@ Example::
 
     python benchmarks/make_mosaics.py
     python benchmarks/bench_run.py                    # threads 1 and all, both mosaics
+    python benchmarks/bench_run.py --command --repeat 5   # the steinpix command itself
 
 Each configuration runs in a fresh Python process, like one ``steinpix classify ilastik run``:
 the reported wall time includes interpreter start, imports and loading numba's cached
-machine code; the peak RSS is the process's maximum resident set size. Outputs go to
-``benchmarks/work/out``. Reference on the same two images and machine kind: ilastik 1.3.3post3
-took 71.8 s and 3.4 GB.
+machine code; the peak RSS is the process's maximum resident set size. ``--command`` times
+``steinpix classify ilastik run --engine builtin --overwrite`` as a user runs it. Outputs go to
+``benchmarks/work/out``. Minimum and median are over ``--repeat`` runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -45,10 +47,19 @@ def worker(ilp: Path, images: list[Path], out_dir: Path, threads: int, profile: 
     print(json.dumps(times))
 
 
-def measure(ilp: Path, images: list[Path], out_dir: Path, threads: int, profile: str) -> dict:
-    """Run :func:`worker` in a child process; wall time and that child's peak RSS."""
-    cmd = [sys.executable, __file__, "--worker", "--ilp", str(ilp), "--threads", str(threads),
-           "--profile", profile, "--out", str(out_dir), *map(str, images)]
+def measure(ilp: Path, images: list[Path], out_dir: Path, threads: int, profile: str,
+            command: bool = False) -> dict:
+    """Run :func:`worker` (or the ``run`` command) in a child process; wall time and that
+    child's peak RSS."""
+    if command:
+        if len({img.parent for img in images}) != 1:
+            raise SystemExit("--command needs images in one folder")
+        cmd = [sys.executable, "-m", "steinpix", "classify", "ilastik", "run", "--engine",
+               "builtin", "--ilp", str(ilp), "--img", str(images[0].parent), "-o", str(out_dir),
+               "--threads", str(threads), "--profile", profile, "--overwrite", "-v", "WARNING"]
+    else:
+        cmd = [sys.executable, __file__, "--worker", "--ilp", str(ilp), "--threads",
+               str(threads), "--profile", profile, "--out", str(out_dir), *map(str, images)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]))
     start = time.perf_counter()
@@ -59,7 +70,8 @@ def measure(ilp: Path, images: list[Path], out_dir: Path, threads: int, profile:
     child.stdout.close()
     if status != 0:
         raise SystemExit(f"worker failed (status {status}): {output}")
-    result = json.loads(output.strip().splitlines()[-1])
+    result = {"setup_s": float("nan"), "files": {}} if command else json.loads(
+        output.strip().splitlines()[-1])
     result.update(wall_s=wall, peak_rss_mib=usage.ru_maxrss / 1024, threads=threads)
     return result
 
@@ -74,6 +86,8 @@ def main() -> None:
     parser.add_argument("--profile", default="133", choices=["133", "14x"])
     parser.add_argument("--out", type=Path, default=WORK / "out")
     parser.add_argument("--repeat", type=int, default=1, help="runs per thread count")
+    parser.add_argument("--command", action="store_true",
+                        help="time the steinpix run command (images: one folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     images = args.images or sorted((WORK / "img").glob("*.h5"))
@@ -82,14 +96,22 @@ def main() -> None:
     if args.worker:
         worker(args.ilp, images, args.out, args.threads[0], args.profile)
         return
-    print(f"{len(images)} images, project {args.ilp.name}, profile {args.profile}")
+    print(f"{len(images)} images, project {args.ilp.name}, profile {args.profile}"
+          + (", whole command" if args.command else ""))
     for threads in args.threads:
+        walls, rss = [], []
         for _ in range(args.repeat):
-            r = measure(args.ilp, images, args.out, threads, args.profile)
+            r = measure(args.ilp, images, args.out, threads, args.profile, args.command)
+            walls.append(r["wall_s"])
+            rss.append(r["peak_rss_mib"])
             per_file = ", ".join(f"{name} {t:.2f} s" for name, t in r["files"].items())
-            print(f"threads {threads}: wall {r['wall_s']:.2f} s (setup {r['setup_s']:.2f} s; "
-                  f"{per_file}), peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
-
+            detail = "" if args.command else f" (setup {r['setup_s']:.2f} s; {per_file})"
+            print(f"threads {threads}: wall {r['wall_s']:.2f} s{detail}, "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+        if args.repeat > 1:
+            print(f"threads {threads}: wall min {min(walls):.2f} s, median "
+                  f"{statistics.median(walls):.2f} s; peak RSS max {max(rss):.0f} MiB")
+    print(f"load average {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
 
 if __name__ == "__main__":
     main()

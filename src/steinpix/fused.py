@@ -54,12 +54,13 @@ def _load_columns(scratch, x0, m, xt, nan):
 
 @numba.njit(cache=True, nogil=True)
 def _classify_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y0, y1,
-                   n_feat, ff, out_channel, out, out_y0):
+                   n_feat, ff, out_channel, out, out_y0, forest):
     """Features and probabilities of output rows y0..y1 (one thread).
 
     The first eight arguments and ``y0``, ``y1`` are those of ``features._feature_rows``;
     ``ff`` and ``out_channel`` those of ``forest._predict_kernel``. Row ``y``'s probabilities
-    go to ``out[y - out_y0]`` ((W, n_outputs) float32).
+    go to ``out[y - out_y0]`` ((W, n_outputs) float32). ``forest`` False computes the features
+    only (for benchmarks).
     """
     width = planes.shape[3]
     rings, scratch, tmp, pad, front = features._row_state(planes, coefs, radius, columns,
@@ -68,6 +69,8 @@ def _classify_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfus
     for y in range(y0, y1):
         features._row_features(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused,
                                y, rings, scratch, tmp, pad, front)
+        if not forest:
+            continue
         row = out[y - out_y0]
         for x0 in range(0, width, LANES):
             m = min(LANES, width - x0)
@@ -127,6 +130,6 @@ def classify(
     with features.Runner(max(1, min(numba.get_num_threads(), r1 - r0))) as run:
         planes = features.presmooth(img, selection, plan, (r0, r1), unfused, run)
         args = (planes, *features.stage2_args(plan), unfused)
-        forest_args = (plan.n_features, classifier.flat, classifier.output_channels, out, r0)
+        forest_args = (plan.n_features, classifier.flat, classifier.output_channels, out, r0, True)
         run(_classify_rows, [(*args, a, b, *forest_args) for a, b in run.chunks(r0, r1)])
     return out
