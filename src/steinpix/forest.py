@@ -749,8 +749,10 @@ def _cttz32(typingctx, value):
 
 
 @intrinsic
-def _quickscorer(typingctx, xt, bits, slot_start, column, threshold, mask):
+def _quickscorer(typingctx, xt, offset, stride, bits, slot_start, column, threshold, mask):
     """QuickScorer over a block: ``bits[slot * LANES + lane]`` for every slot and pixel.
+
+    Feature ``j`` of the block's pixel ``lane`` is ``xt[j * stride + offset + lane]``.
 
     For each slot, start from all ones and, for each entry of the slot, keep only ``mask``
     in the lanes whose feature is not below the threshold (the pixel goes right; NaN too).
@@ -758,16 +760,20 @@ def _quickscorer(typingctx, xt, bits, slot_start, column, threshold, mask):
     """
     args = (xt, bits, slot_start, column, threshold, mask)
     dtypes = (types.float32, types.uint32, types.int64, types.int64, types.float32, types.uint32)
-    if not _arrays_are(args, dtypes):
+    if not _arrays_are(args, dtypes) or not all(
+        isinstance(t, types.Integer) for t in (offset, stride)
+    ):
         return None
-    sig = types.void(*args)
+    sig = types.void(xt, types.int64, types.int64, *args[1:])
 
     def codegen(context, builder, signature, args):
+        offset, stride = args[1], args[2]
+        arrays = (signature.args[0], *signature.args[3:]), (args[0], *args[3:])
         xt_p, bits_p, start_p, col_p, thr_p, mask_p = (
             context.make_array(ty)(context, builder, val).data
-            for ty, val in zip(signature.args, args, strict=True)
+            for ty, val in zip(*arrays, strict=True)
         )
-        n_slots_plus_1 = context.make_array(signature.args[2])(context, builder, args[2]).shape
+        n_slots_plus_1 = context.make_array(signature.args[4])(context, builder, args[4]).shape
         i32, i64 = ir.IntType(32), ir.IntType(64)
         fvec, ivec = ir.VectorType(ir.FloatType(), _SIMD), ir.VectorType(i32, _SIMD)
         ones = ir.Constant(ivec, [0xFFFFFFFF] * _SIMD)
@@ -789,7 +795,8 @@ def _quickscorer(typingctx, xt, bits, slot_start, column, threshold, mask):
             e1 = builder.load(builder.gep(start_p, [builder.add(slot, i64(1))]))
             with cgutils.for_range(builder, e1, start=e0) as entry_loop:
                 e = entry_loop.index
-                base = builder.mul(builder.load(builder.gep(col_p, [e])), i64(LANES))
+                column = builder.load(builder.gep(col_p, [e]))
+                base = builder.add(builder.mul(column, stride), offset)
                 thr = splat(builder.load(builder.gep(thr_p, [e])), fvec)
                 mask = splat(builder.load(builder.gep(mask_p, [e])), ivec)
                 for g, acc in enumerate(keep):
@@ -879,17 +886,17 @@ def _qs_leaf(bits, s0, s1, lane):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _walk(next_node, column, threshold, root, xt, lane):
+def _walk(next_node, column, threshold, root, xt, offset, stride, lane):
     """Leaf node reached from ``root`` by one lane, walking the tree node by node."""
     k = _U(root)
     while _U(next_node[_U(2) * k]) != k:
-        go_left = xt[_U(column[k]) * _U(LANES) + _U(lane)] < threshold[k]
+        go_left = xt[_U(column[k]) * _U(stride) + _U(offset) + _U(lane)] < threshold[k]
         k = _U(next_node[_U(2) * k + _U(go_left)])
     return k
 
 
 @numba.njit(cache=True, nogil=True)
-def _tree_leaves(ff, xt, bits, leaf):
+def _tree_leaves(ff, xt, offset, stride, bits, leaf):
     """Leaf of each lane in each tree, into ``leaf[tree * LANES + lane]``.
 
     Walked trees (no slots) give a node index (into ``leaf_*``); QuickScorer trees give a
@@ -910,7 +917,7 @@ def _tree_leaves(ff, xt, bits, leaf):
                 leaf[out + _U(lane)] = first + np.uint32(_qs_leaf(bits, s0, s1, lane))
         else:
             for lane in range(LANES):
-                k = _walk(next_node, column, threshold, tree_root[t], xt, lane)
+                k = _walk(next_node, column, threshold, tree_root[t], xt, offset, stride, lane)
                 leaf[out + _U(lane)] = np.uint32(k)
 
 
@@ -1006,12 +1013,18 @@ def _block_state(ff, n_features):
 
 
 @numba.njit(cache=True, nogil=True)
-def _classify_block(ff, out_channel, state, lo, m, out):
-    """Probabilities of the ``m`` pixels whose features are in ``state``'s ``xt`` and ``nan``
-    (see :func:`_load_block`) into ``out[lo:lo + m]``."""
-    xt, nan, bits, leaf, acc, total, res, packed = state
-    _quickscorer(xt, bits, ff.qs_slot_start, ff.qs_column, ff.qs_threshold, ff.qs_mask)
-    _tree_leaves(ff, xt, bits, leaf)
+def _classify_block(ff, out_channel, state, x, offset, stride, lo, m, out):
+    """Probabilities of ``m`` pixels into ``out[lo:lo + m]``.
+
+    Feature ``j`` of pixel ``lane`` is ``x[j * stride + offset + lane]`` for all LANES lanes
+    (``state``'s ``xt`` with offset 0 and stride LANES, see :func:`_load_block`, or a
+    (features, width) row from its pixel ``offset`` on); ``state``'s ``nan`` flags the lanes
+    that get zeros.
+    """
+    _, nan, bits, leaf, acc, total, res, packed = state
+    _quickscorer(x, offset, stride, bits, ff.qs_slot_start, ff.qs_column, ff.qs_threshold,
+                 ff.qs_mask)
+    _tree_leaves(ff, x, offset, stride, bits, leaf)
     if ff.votes:
         _vote_block(ff, leaf, packed, res)
     else:
@@ -1031,7 +1044,7 @@ def _predict_kernel(x, ff, out_channel, out, n_threads):
             lo = b * LANES
             m = min(LANES, n - lo)
             _load_block(x, lo, m, state[0], state[1])
-            _classify_block(ff, out_channel, state, lo, m, out)
+            _classify_block(ff, out_channel, state, state[0], 0, LANES, lo, m, out)
 
 
 def predict_proba(classifier: Classifier, features: np.ndarray,
