@@ -23,6 +23,7 @@ import numba
 import numpy as np
 import tifffile
 
+from steinpix import features
 from steinpix.atomic import atomic_output, temporary_sibling
 from steinpix.errors import SteinpixError
 from steinpix.exports import EXPORTS, export_uint16
@@ -55,7 +56,7 @@ __all__ = [
 # Working memory of one strip (input, presmoothed planes, probabilities). predict_file streams
 # the image in and the TIFF out, so with the Python/numba runtime (~250 MiB) a run stays below
 # 1 GiB for any image size. Only images so wide that a strip of one row plus its halo exceeds
-# the budget (over ~60,000 pixels with 4 channels and 5 scales) need more.
+# the budget (over ~28,000 pixels with 4 channels and 5 scales) need more.
 STRIP_BYTES = 512 * 1024**2
 # Output pixels per strip at most: smaller strips let reading and TIFF encoding overlap with
 # the computation; the halo rows they add are only presmoothed, which costs little.
@@ -260,7 +261,11 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
     # The features of one row per thread are computed and classified in the cache.
     per_row_pixel = 6 * n_outputs
     per_halo_pixel = 4 * (n_channels * (n_scales + 1) + 1)
-    per_thread = 4 * n_features * width * numba.config.NUMBA_NUM_THREADS
+    # per thread: one row of features and the ring buffers of x-filtered rows of every
+    # (channel, scale)
+    ring_rows = features.ring_rows(selection, n_channels)
+    per_thread = 4 * width * (n_features + n_channels * n_scales * features.N_RINGS * ring_rows)
+    per_thread *= numba.config.NUMBA_NUM_THREADS
     budget = (STRIP_BYTES if max_bytes is None else max_bytes) - per_thread
     rows = (budget // width - 2 * selection.halo() * per_halo_pixel) // (
         per_row_pixel + per_halo_pixel

@@ -542,6 +542,15 @@ def _make_plan(selection: FeatureSelection, n_channels: int) -> _Plan:
     return _Plan(pre_coefs, pre_radius, coefs, radius, x_jobs, y_jobs, columns, int(ring_rows), col)
 
 
+N_RINGS = _N_RINGS
+
+
+def ring_rows(selection: FeatureSelection, n_channels: int) -> int:
+    """Rows of each of the ``N_RINGS`` ring buffers per (channel, scale) that a thread of the
+    feature stage keeps (for memory budgets)."""
+    return _make_plan(selection, n_channels).ring_rows
+
+
 # --------------------------------------------------------------------------------------------
 # numba kernels: 1-D convolution with fastfilters' rounding
 # --------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 The encoder follows libtiff's ``LZWEncode``: codes written most significant bit first, a Clear
 code first, the code width growing from 9 to 12 bits one code early ("early change"), a Clear
 code when the table is full, the End-Of-Information code last. Any TIFF reader decodes it. It
-is about twice as fast as ``imagecodecs.lzw_encode`` (which takes about as long as the forest
-for a 2000 x 2000 x 3 probability image).
+is about 1.3 times as fast as ``imagecodecs.lzw_encode`` (``benchmarks/bench_lzw.py``) and
+needs no copy of the strip: the encoding of a 2000 x 2000 x 3 probability image (24 MB) takes
+a sizeable part of a core (0.3 to 0.8 s), in a thread beside the classification.
 """
 
 from __future__ import annotations
