@@ -457,6 +457,19 @@ def test_crops_contact_sheet(cropdir):
     assert "crops.html" in parse(out / "index.html").links
 
 
+def test_crops_need_no_project(cropdir):
+    (cropdir / "pixel_classifier.ilp").unlink()  # crops are previewed before training
+    result = run("--crops")
+    assert result.exit_code == 0, result.output
+    assert len(parse(cropdir / "ilastik_preview" / "crops.html").imgs) == 3
+    # the probabilities page does need it, and says so as for every other command
+    result = run()
+    assert result.exit_code == 2
+    assert "Invalid value for '--ilp': File 'pixel_classifier.ilp' does not exist." in (
+        result.stderr
+    )
+
+
 def test_crop_not_in_steinbock_format(cropdir):
     bad = cropdir / "ilastik_crops" / "pipeline_s2.h5"
     with h5py.File(bad, "w") as f:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from steinpix._cli.utils import ilp_option, one_line_errors, verbosity_option
+from steinpix._cli.utils import one_line_errors, verbosity_option
 
 # used when it exists: the folder docs/preview.md suggests for run --uncertainty
 DEFAULT_UNCERTAINTY_DIR = "ilastik_uncertainty"
@@ -40,7 +40,15 @@ DEFAULT_UNCERTAINTY_DIR = "ilastik_uncertainty"
     help=f"Directory of uncertainty TIFFs (run --uncertainty) shown as a third thumbnail "
     f"[default: {DEFAULT_UNCERTAINTY_DIR} when it exists]",
 )
-@ilp_option
+@click.option(
+    "--ilp",
+    "ilastik_project_file",
+    # not exists=True: --crops does not read the project (crops are previewed before training)
+    type=click.Path(dir_okay=False),
+    default="pixel_classifier.ilp",
+    show_default=True,
+    help="Path to the Ilastik project file (not needed with --crops)",
+)
 @click.option(
     "-o",
     "preview_dir",
@@ -112,6 +120,10 @@ def preview_cmd(
     if crops:
         result = preview_batch.preview_crops(Path(ilastik_crop_dir), out_dir, size, overwrite)
     else:
+        if not Path(ilastik_project_file).exists():  # click's own message for a missing file
+            raise click.BadParameter(
+                f"File '{ilastik_project_file}' does not exist.", param_hint="'--ilp'"
+            )
         unc_dir = Path(uncertainty_dir or DEFAULT_UNCERTAINTY_DIR)
         if uncertainty_dir is None and not unc_dir.is_dir():
             unc_dir = None
