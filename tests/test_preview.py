@@ -311,6 +311,20 @@ def test_bad_and_missing_files_are_named_and_the_others_previewed(workdir):
     assert f"ilastik_img/{NAMES[0]}.h5: no probabilities" in result.stderr
 
 
+def test_every_image_failing_says_none_is_on_the_page(workdir):
+    for name in NAMES:
+        (workdir / "ilastik_probabilities" / f"{name}.tiff").write_bytes(b"")
+    result = run()
+    assert result.exit_code == 1
+    assert (
+        f"Error: {len(NAMES)} of {len(NAMES)} images could not be previewed (see above; none "
+        "are in ilastik_preview/index.html)" in result.stderr
+    )
+    assert f"ilastik_probabilities/{NAMES[0]}.tiff: not a readable probability TIFF" in (
+        result.stderr
+    )
+
+
 def test_image_of_another_size_is_an_error_for_that_image(workdir):
     img = workdir / "ilastik_img" / f"{NAMES[0]}.h5"
     with h5py.File(img, "a") as f:

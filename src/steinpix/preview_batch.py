@@ -62,9 +62,10 @@ class PreviewResult:
         """One line for the failures (None when there are none)."""
         if not self.failed:
             return None
+        where = "none" if len(self.failed) == self.total else "the others"
         return SteinpixError(
             f"{len(self.failed)} of {self.total} {what} could not be previewed (see above; "
-            f"the others are in {self.page}): "
+            f"{where} are in {self.page}): "
             + ", ".join(self.failed[:5])
             + (" ..." if len(self.failed) > 5 else "")
         )
