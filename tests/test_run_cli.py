@@ -120,6 +120,23 @@ def test_project_without_forests(workdir):
     assert "no ilastik was found" in result.stderr
 
 
+@pytest.mark.parametrize("engine", ["auto", "builtin"])
+def test_a_file_that_is_no_project_is_named_as_such(workdir, engine):
+    (workdir / "notes.ilp").write_text("not HDF5")
+    result = run("--ilp", "notes.ilp", "--engine", engine)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: notes.ilp: not an ilastik project (cannot open as HDF5")
+    assert "ilastik was found" not in result.stderr and "Traceback" not in result.output
+    image = "ilastik_img/20210305_NE_mockData1_001.h5"  # an image given as the project
+    result = run("--ilp", image, "--engine", engine)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: {image}: not an ilastik pixel-classification project (no "
+        "'PixelClassification' group)\n"
+    )
+    assert not (workdir / "ilastik_probabilities").exists()
+
+
 def test_empty_image_folder(workdir):
     (workdir / "empty").mkdir()
     result = run("--img", "empty")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steinpix.atomic import remove_stale_temporaries
-from steinpix.errors import SteinpixError, reading
+from steinpix.errors import SteinpixError, first_line, reading
 from steinpix.outputs import is_finished, output_path
 
 logger = logging.getLogger("steinpix")
@@ -193,6 +193,32 @@ def load_model(ilp: str | os.PathLike) -> tuple:
     return model
 
 
+def check_project(ilp: Path) -> None:
+    """Fail with one line when ``ilp`` is no ilastik pixel-classification project at all (not
+    HDF5, or e.g. an image given as ``--ilp``), instead of suggesting another engine for it.
+
+    Raises
+    ------
+    SteinpixError
+        Exit code 2, naming the file and the problem.
+    """
+    import h5py
+
+    try:
+        with h5py.File(ilp, "r") as f:
+            is_project = isinstance(f.get("PixelClassification"), h5py.Group)
+    except OSError as e:
+        raise SteinpixError(
+            f"{ilp}: not an ilastik project (cannot open as HDF5: {first_line(e)})", exit_code=2
+        ) from None
+    if not is_project:
+        raise SteinpixError(
+            f"{ilp}: not an ilastik pixel-classification project (no 'PixelClassification' "
+            "group)",
+            exit_code=2,
+        )
+
+
 def choose_engine(
     engine: str, ilp: Path, ilastik: str | None, profile: str = "auto"
 ) -> tuple[str, str]:
@@ -211,13 +237,14 @@ def choose_engine(
     """
     if engine in ("ilastik", "docker"):
         return engine, "133"
+    check_project(ilp)  # no engine runs a file that is no pixel-classification project
     try:
         load_model(ilp)
         why = ""
     except SteinpixError as e:
         why = str(e).removeprefix(f"{ilp}: ")  # messages below name it once
     if engine == "builtin" and why:
-        raise SteinpixError(f"{ilp}: {why} (the built-in engine does not train classifiers)")
+        raise SteinpixError(f"{ilp}: {why}")  # each reason says what to do instead
     if not why:
         from steinpix.project import PROFILE_RELEASES, choose_profile, read_ilastik_version
 
