@@ -115,6 +115,16 @@ def test_errors_are_blamed_by_where_they_were_raised():
     assert isinstance(read_error("x", FileNotFoundError(2, "gone"), "unreadable"), SteinpixError)
 
 
+def test_errors_of_compiled_codecs_are_theirs():
+    """imagecodecs' Cython frames need not carry their module's name (newer Cython)."""
+    import imagecodecs
+
+    with pytest.raises(RuntimeError) as info:
+        imagecodecs.zlib_decode(b"x\x9c" + bytes(20))
+    assert raised_inside(info.value, "imagecodecs")
+    assert not raised_inside(info.value, "tifffile", "steinpix")
+
+
 def test_internal_errors_pickle_to_and_from_workers():
     error = InternalError.reading("a.h5", AttributeError("x"))
     copy = pickle.loads(pickle.dumps(error))

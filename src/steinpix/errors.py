@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
 
 class SteinpixError(Exception):
@@ -59,16 +60,31 @@ def _message(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
+def _frame_module(tb: TracebackType) -> str:
+    """The module name of a traceback entry's code, for compiled (Cython) frames too."""
+    name = tb.tb_frame.f_globals.get("__name__")
+    if name:
+        return name
+    # Cython's frames may have no module globals; their file name is "package/module.pyx"
+    path = tb.tb_frame.f_code.co_filename
+    return path.rsplit(".", 1)[0].replace("\\", "/").replace("/", ".")
+
+
 def raised_inside(error: BaseException, *packages: str) -> bool:
     """Whether ``error`` was raised by the code of one of ``packages`` (names such as
-    ``"h5py"``), judged by its innermost frame (compiled extensions included)."""
+    ``"h5py"``): its innermost frame is theirs, or its type is one of theirs."""
+
+    def inside(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in packages)
+
+    if inside(type(error).__module__):
+        return True
     tb = error.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    name = tb.tb_frame.f_globals.get("__name__", "")
-    return any(name == p or name.startswith(p + ".") for p in packages)
+    return inside(_frame_module(tb))
 
 
 def read_error(
