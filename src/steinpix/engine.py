@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import tifffile
 
-from steinpix import features
+from steinpix import features, progress
 from steinpix.atomic import atomic_output, temporary_sibling
 from steinpix.errors import SteinpixError
 from steinpix.exports import EXPORTS, export_uint16
@@ -345,6 +345,7 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
             # Here the strip's float32 probabilities exist: extra exports are computed from them.
             if on_strip is not None:
                 on_strip(probs)
+            progress.strip(i + 1, len(starts))
             yield export_uint16(probs)
 
 

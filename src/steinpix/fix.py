@@ -32,7 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from steinpix import images, project
+from steinpix import images, progress, project
 from steinpix.atomic import temporary_sibling
 from steinpix.errors import SteinpixError, first_line, read_error
 
@@ -1077,7 +1077,9 @@ def fix(
 
 
 def _prepare_crops(crops: Sequence[CropPlan], crop_tmps: dict[Path, Path]) -> None:
+    progress.set_total(len(crops))
     for i, crop in enumerate(crops, start=1):
+        progress.advance()
         if crop.needs_patch:
             write_patched_crop(crop, crop_tmps[crop.path])
             logger.info(

@@ -51,15 +51,16 @@ def fix_cmd(
     backup: bool,
     axis_order: str | None,
 ) -> None:
-    from steinpix import fix  # imported here so that the other commands start fast
+    from steinpix import fix, progress  # imported here so that the other commands start fast
 
-    result = fix.fix(
-        ilastik_project_file,
-        ilastik_crop_dir,
-        ilastik_probabilities_dir,
-        backup=backup,
-        axis_order=axis_order,
-    )
+    with progress.bar("fix", unit="crop"):
+        result = fix.fix(
+            ilastik_project_file,
+            ilastik_crop_dir,
+            ilastik_probabilities_dir,
+            backup=backup,
+            axis_order=axis_order,
+        )
     # like steinbock: each rewritten crop, then the project (only what was written)
     for crop_file in result.patched_crops:
         click.echo(crop_file)

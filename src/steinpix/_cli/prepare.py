@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from steinpix import progress
 from steinpix._cli.utils import one_line_errors, verbosity_option
 from steinpix.errors import SteinpixError
 
@@ -134,17 +135,21 @@ def prepare_cmd(
         seed=seed,
         known_errors=unreadable,
     )
-    for i, result in enumerate(prepared, start=1):
-        if result.error is not None:
-            failed += 1
-            logger.error("[%d/%d] %s", i, len(img_files), result.error)
-            continue
-        logger.info("[%d/%d] %s -> %s", i, len(img_files), result.img_file, result.ilastik_img_file)
-        click.echo(result.ilastik_img_file)
-        if result.crop_file is not None:
-            click.echo(result.crop_file)
-            crop_files.append(result.crop_file)
-            crop_shapes.append(result.crop_shape)
+    with progress.bar("prepare", total=len(img_files)):
+        for i, result in enumerate(prepared, start=1):
+            progress.advance()
+            if result.error is not None:
+                failed += 1
+                logger.error("[%d/%d] %s", i, len(img_files), result.error)
+                continue
+            logger.info(
+                "[%d/%d] %s -> %s", i, len(img_files), result.img_file, result.ilastik_img_file
+            )
+            click.echo(result.ilastik_img_file)
+            if result.crop_file is not None:
+                click.echo(result.crop_file)
+                crop_files.append(result.crop_file)
+                crop_shapes.append(result.crop_shape)
     project.create_project(ilastik_project_file, crop_files, crop_shapes)
     click.echo(ilastik_project_file)
     logger.info(

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from steinpix import batch
+from steinpix import batch, progress
 from steinpix._cli.utils import ilastik_binary_option, ilp_option, one_line_errors, verbosity_option
 from steinpix.errors import SteinpixError
 
@@ -205,10 +205,21 @@ def run_cmd(
         return
 
     def report(i: int, n: int, result: batch.ImageResult) -> None:
+        progress.advance()
         if result.ok:
             for output in result.outputs:
                 click.echo(output)
 
+    with progress.bar("run", total=len(pending)):
+        failed = _run(job, pending, address, chosen, report)
+    if failed:
+        raise batch.failure_error(failed, len(pending))
+
+
+def _run(
+    job: batch.Job, pending: list[Path], address: str | None, chosen: str, report
+) -> list[batch.ImageResult]:
+    """The batch, locally or on the Dask cluster at ``address``; returns the failed images."""
     if address is None:
         if chosen == "builtin":
             from steinpix import engine
@@ -224,5 +235,4 @@ def run_cmd(
             logger.info("Dask: %s (%s)", address, cluster.describe_cluster(client))
             failed = batch.run_batch(job, pending, cluster.dask_executor(client), report)
         batch.prepare_outputs(job)  # temporaries of workers killed during the batch
-    if failed:
-        raise batch.failure_error(failed, len(pending))
+    return failed

@@ -5,8 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Callable
 
 import click
 
@@ -16,7 +15,6 @@ logger = logging.getLogger("steinpix")
 
 LOG_LEVELS = ["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
 
-T = TypeVar("T")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -120,13 +118,3 @@ def one_line_errors(func: Callable) -> Callable:
 
     return wrapper
 
-
-def progress(items: Iterable[T], length: int, label: str) -> Iterator[T]:
-    """Per-item progress bar on a terminal (stderr); silent when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        yield from items
-        return
-    with click.progressbar(
-        items, length=length, label=label, file=sys.stderr, show_pos=True, item_show_func=None
-    ) as bar:
-        yield from bar
