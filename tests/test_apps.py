@@ -138,14 +138,14 @@ def test_docker_gui_linux_settings(docker_sdk, tmp_path, monkeypatch):
     assert volumes[str(xauthority)] == {"bind": "/tmp/.Xauthority", "mode": "ro"}
     if Path("/tmp/.X11-unix").is_dir():
         assert volumes["/tmp/.X11-unix"] == {"bind": "/tmp/.X11-unix", "mode": "rw"}
-    assert s["hostname"] == socket.gethostname() and "network_mode" not in s
+    assert s["hostname"] == socket.gethostname() and s["network_mode"] == "none"
     assert container.events == ["start", "logs", "wait", "remove(force=True)"]
 
 
 @pytest.mark.parametrize("display", [":0", "unix:0", ":1.0"])
-def test_docker_gui_local_display_keeps_own_network(tmp_path, display):
+def test_docker_gui_local_display_needs_no_network(tmp_path, display):
     settings = apps.docker_gui_settings({"DISPLAY": display}, "linux", tmp_path)
-    assert "network_mode" not in settings and settings["environment"]["DISPLAY"] == display
+    assert settings["network_mode"] == "none" and settings["environment"]["DISPLAY"] == display
 
 
 def test_docker_gui_over_ssh_uses_host_network(docker_sdk, tmp_path):

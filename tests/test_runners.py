@@ -530,6 +530,7 @@ def test_run_docker_container_settings(docker_sdk, project, monkeypatch, capsys)
         "LAZYFLOW_TOTAL_RAM_MB": "3000",
     }
     assert settings["init"] is True
+    assert settings["network_mode"] == "none"
     assert container.events == ["start", "logs", "wait", "remove(force=True)"]
     assert capsys.readouterr().err.endswith("ilastik says hi\nand bye\n")
 

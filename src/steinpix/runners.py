@@ -789,7 +789,8 @@ def run_docker(
     The data directory (default: the current directory) is mounted at ``/data`` and nothing
     else; the project, the images and the output folder must lie inside it. The container runs
     ``/opt/ilastik/run_ilastik.sh`` with :func:`headless_args` as the caller's ``uid:gid``, with
-    only the ``LAZYFLOW_*`` limits (and ``HOME``) set, and is removed afterwards.
+    only the ``LAZYFLOW_*`` limits (and ``HOME``) set and without network, and is removed
+    afterwards.
 
     Parameters
     ----------
@@ -869,6 +870,8 @@ def docker_chunk_runner(
             volumes=mount.volumes(),
             environment=environment,
             user=user,
+            # headless ilastik needs no network; a daemon without a bridge network has no other
+            network_mode="none",
         )
 
     return run_chunk

@@ -79,8 +79,9 @@ class FakeIlastik:
 
     def configure(self, **config: Any) -> FakeIlastik:
         """Set the behaviours (see fake_ilastik.py); resets the ones not given."""
-        tiffs = {source: str(path) for source, path in self.tiffs.items()}
-        config = {"tiff": str(self.tiff), "tiffs": tiffs, **config}
+        # relative to the fake's folder, which a container sees elsewhere
+        tiffs = {source: path.name for source, path in self.tiffs.items()}
+        config = {"tiff": self.tiff.name, "tiffs": tiffs, **config}
         (self.dir / "fake_ilastik.json").write_text(json.dumps(config), encoding="utf-8")
         return self
 

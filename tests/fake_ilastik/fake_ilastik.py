@@ -4,9 +4,10 @@
 # It appends one JSON line per call to calls.jsonl (argv, environment, process ids) and exports
 # the way ilastik names its outputs: <output_filename_format> with {nickname} replaced by
 # "<h5 stem>-<internal path>", by copying the bytes of config["tiffs"][<--export_source>]
-# (config["tiff"] for Probabilities). Like ilastik's pixel classification it knows only the export
-# sources of EXPORT_SOURCES (others: exit 2). Behaviours come from fake_ilastik.json beside this
-# file:
+# (config["tiff"] for Probabilities; relative to the fake's folder). Like ilastik's pixel
+# classification it knows only the export sources of EXPORT_SOURCES (others: exit 2). Behaviours
+# come from fake_ilastik.json in the fake's folder: the folder of this file, or
+# $FAKE_ILASTIK_DIR (a test image's launcher points it into the mounted data folder):
 #   fail_on: [stem, ...]     exit config["fail_code"] (1) when reaching that image, after
 #                            writing the outputs of the images before it (like a crash)
 #   slow_on: [stem, ...]     write half an output, touch started-<pid>, then sleep until killed;
@@ -18,13 +19,23 @@
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(os.environ.get("FAKE_ILASTIK_DIR") or Path(__file__).resolve().parent)
 # ilastik 1.3.3post3's pixel-classification export sources (PixelClassificationWorkflow)
 EXPORT_SOURCES = ("Probabilities", "Simple Segmentation", "Uncertainty", "Features", "Labels")
+
+
+def mount_points() -> list[str]:
+    """Where something is mounted (Linux; tests of containers check what they see)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    return [line.split()[4] for line in lines]
 
 
 def record() -> None:
@@ -35,6 +46,10 @@ def record() -> None:
         "pid": os.getpid(),
         "pgid": os.getpgid(0),
         "sid": os.getsid(0),
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "hostname": socket.gethostname(),
+        "mounts": mount_points(),
     }
     with open(HERE / "calls.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
@@ -82,7 +97,7 @@ def main() -> int:
     if source in config.get("fail_on_source", []):
         print(f"fake ilastik: failing on the {source} export", file=sys.stderr)
         return int(config.get("fail_code", 1))
-    tiff = Path(config.get("tiffs", {}).get(source, config["tiff"])).read_bytes()
+    tiff = (HERE / config.get("tiffs", {}).get(source, config["tiff"])).read_bytes()
     for dataset_path in inputs:
         h5_path, name = nickname(dataset_path)
         if not h5_path.is_file():

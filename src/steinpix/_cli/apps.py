@@ -89,9 +89,9 @@ def docker_gui_settings(
     """Container settings for ilastik's GUI, following steinbock's documented X11 setup.
 
     Linux: ``$DISPLAY`` is passed on, ``/tmp/.X11-unix`` and the X authority file (read-only)
-    are mounted, and the container gets the host's name so that the authority cookie applies;
-    a display reached over TCP (``ssh -X``, ``localhost:10.0``) needs the host's network
-    instead. macOS (XQuartz) and Windows: the X server on the host is reached at
+    are mounted, and the container gets the host's name so that the authority cookie applies,
+    and no network; a display reached over TCP (``ssh -X``, ``localhost:10.0``) needs the host's
+    network instead. macOS (XQuartz) and Windows: the X server on the host is reached at
     ``host.docker.internal:0``. ``$STEINPIX_DOCKER_DISPLAY`` overrides the display everywhere.
 
     Returns
@@ -121,6 +121,8 @@ def docker_gui_settings(
             # host:N is a TCP display (ssh -X): only the host's network reaches it
             extra["network_mode"] = "host"
         else:
+            # the X server's socket is a file in the mounted /tmp/.X11-unix: no network needed
+            extra["network_mode"] = "none"
             extra["hostname"] = socket.gethostname()
     else:
         display = display or DOCKER_HOST_DISPLAY
@@ -151,6 +153,7 @@ def run_gui_docker(
         else {
             "volumes": runners.DataMount(data_dir).volumes(),
             "environment": {"HOME": runners.CONTAINER_HOME},
+            "network_mode": "none",
         }
     )
     client = runners.docker_client(client)
