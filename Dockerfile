@@ -60,7 +60,7 @@ COPY docker/steinpix-entrypoint /usr/local/bin/steinpix-entrypoint
 # at once instead of compiling for half a minute; the cache is world-writable because numba only
 # uses a cache folder it can write to, and containers run as any uid:gid. steinpix-entrypoint
 # chooses the CPU that numba compiles for (not the build machine's: see the script), here and
-# when a container runs.
+# when a container runs. The libraries' own test suites (about 120 MB) are left out.
 WORKDIR /tmp/steinpix/examples/imc-mock
 RUN --mount=type=bind,target=/tmp/steinpix,rw \
     --mount=type=bind,from=wheels,source=/wheels,target=/tmp/wheels \
@@ -69,7 +69,9 @@ RUN --mount=type=bind,target=/tmp/steinpix,rw \
     && steinpix-entrypoint --version \
     && steinpix-entrypoint classify ilastik prepare --cropsize 50 --seed 1 -v WARNING > /dev/null \
     && steinpix-entrypoint classify ilastik run --ilp pretrained.ilp -v WARNING > /dev/null \
-    && chmod -R a+rwX "${NUMBA_CACHE_DIR}"
+    && chmod -R a+rwX "${NUMBA_CACHE_DIR}" \
+    && find /opt/steinpix/lib -type d -name tests -path "*/site-packages/*" -prune \
+        -exec rm -rf {} +
 
 # numeric, so that Kubernetes and others can tell it is not root
 USER ${UID}:${GID}

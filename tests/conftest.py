@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# the Docker tests' daemon and images are prepared while the other tests run
+from docker_session import pytest_collection_modifyitems, pytest_sessionfinish  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "imc-mock"
 TEST_DATA = REPO / "tests" / "data"

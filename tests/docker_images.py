@@ -304,8 +304,17 @@ def fake_ilastik_image(cli: list[str]) -> str:
 # Builds
 
 
+def _image_id(cli: list[str], name: str) -> str:
+    result = subprocess.run(
+        [*cli, "image", "inspect", "--format", "{{.Id}}", name], capture_output=True, text=True
+    )
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
 def build(cli: list[str], tag: str, target: str, args: dict[str, str]) -> None:
+    """``docker build`` of the repository; the image the tag named before is removed."""
     build_args = [a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")]
+    previous = _image_id(cli, tag)
     _run(
         # offline, and the test daemon has no bridge network
         [*cli, "build", "--network=none", "--target", target, "--tag", tag, *build_args, str(REPO)],
@@ -313,19 +322,21 @@ def build(cli: list[str], tag: str, target: str, args: dict[str, str]) -> None:
         env={**os.environ, "DOCKER_BUILDKIT": "1"},
         timeout=BUILD_TIMEOUT_S,
     )
+    if previous and previous != _image_id(cli, tag):
+        # only this tag's own old image, and only if nothing else uses it
+        subprocess.run([*cli, "image", "rm", previous], capture_output=True)
 
 
-def build_test_images() -> TestImages:
-    """Build ``steinpix-test:slim`` and ``steinpix-test:full`` (the latter with the fake ilastik).
-
-    Uses the daemon at ``$DOCKER_HOST``.
+def build_test_images(host: str) -> TestImages:
+    """Build ``steinpix-test:slim`` and ``steinpix-test:full`` (the latter with the fake ilastik)
+    with the daemon at ``host`` (a ``DOCKER_HOST`` value).
 
     Raises
     ------
     Unavailable
         When an input cannot be made here.
     """
-    cli = buildkit_cli()
+    cli = [*buildkit_cli(), "--host", host]
     timings = {}
     start = time.monotonic()
     base = base_image(cli)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import docker_images
+import docker_session
 import dockerd
 import numpy as np
 import pytest
@@ -37,27 +38,31 @@ DOCKER_OWN_MOUNTS = {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
 
 
 @pytest.fixture(scope="session")
-def daemon():
+def prepared():
+    """The daemon (skip without one) and the test images or why they could not be built."""
     try:
-        found = dockerd.connect_or_start()
+        daemon, images = docker_session.prepared()
     except dockerd.NoDaemon as e:
         pytest.skip(str(e))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DOCKER_HOST", found.host)
-        try:
-            yield found
-        finally:
-            found.stop()
+        patch.setenv("DOCKER_HOST", daemon.host)
+        yield daemon, images
 
 
 @pytest.fixture(scope="session")
-def images(daemon) -> docker_images.TestImages:
-    try:
-        built = docker_images.build_test_images()
-    except docker_images.Unavailable as e:
-        pytest.skip(str(e))
+def daemon(prepared) -> dockerd.Daemon:
+    return prepared[0]
+
+
+@pytest.fixture(scope="session")
+def images(prepared) -> docker_images.TestImages:
+    built = prepared[1]
+    if isinstance(built, docker_images.Unavailable):
+        pytest.skip(str(built))
+    if isinstance(built, BaseException):
+        raise built
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in built.timings.items())
-    print(f"\nDocker test images built ({timings})", file=sys.stderr)
+    print(f"\nDocker test images ({timings})", file=sys.stderr)
     return built
 
 
