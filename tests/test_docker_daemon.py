@@ -34,6 +34,7 @@ REFERENCE_PROBABILITIES = TEST_DATA / "reference" / "ilastik_probabilities"
 # a user that exists neither on the host nor in the image, as with `docker run -u` for anybody
 OTHER_USER = (1234, 1234)
 # what a container sees mounted besides its root and what the test gave it
+STEINPIX = [sys.executable, "-m", "steinpix"]
 DOCKER_OWN_MOUNTS = {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
 
 
@@ -76,7 +77,7 @@ def client(daemon):
 def steinpix(*args: str, cwd: Path, env: dict[str, str] | None = None, **kwargs):
     """``steinpix ARGS`` as a subprocess of this Python."""
     return subprocess.run(
-        [sys.executable, "-m", "steinpix", *args],
+        [*STEINPIX, *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,
@@ -194,21 +195,10 @@ def fake(data) -> FakeIlastik:
     return FakeIlastik(data / Path(docker_images.FAKE_DIR).name)
 
 
-def run_engine_docker(images, data: Path, *args: str, **kwargs):
-    return steinpix(
-        "classify",
-        "ilastik",
-        "run",
-        "--engine",
-        "docker",
-        "--docker-image",
-        images.full,
-        "--ilp",
-        "pretrained.ilp",
-        *args,
-        cwd=data,
-        **kwargs,
-    )
+def engine_docker(image: str, *args: str) -> list[str]:
+    """``classify ilastik run --engine docker`` on the data folder's project."""
+    run = "classify ilastik run --engine docker --ilp pretrained.ilp".split()
+    return [*run, "--docker-image", image, *args]
 
 
 def host_mounts(call: dict) -> set[str]:
@@ -225,7 +215,7 @@ def host_mounts(call: dict) -> set[str]:
 
 def test_engine_docker_chunks_failures_and_cleanup(images, client, data, fake):
     fake.configure(fail_on=["20210305_NE_mockData1_002"])
-    result = run_engine_docker(images, data, "--chunk", "1")
+    result = steinpix(*engine_docker(images.full, "--chunk", "1"), cwd=data)
     assert result.returncode != 0
     assert "1 of 3 images failed" in result.stderr + result.stdout
     assert "20210305_NE_mockData1_002" in result.stderr
@@ -249,7 +239,7 @@ def test_engine_docker_chunks_failures_and_cleanup(images, client, data, fake):
     assert containers_of(client, images.full) == []
 
     fake.configure()  # the rerun only classifies the failed image
-    result = run_engine_docker(images, data, "--chunk", "1")
+    result = steinpix(*engine_docker(images.full, "--chunk", "1"), cwd=data)
     assert result.returncode == 0, result.stderr
     assert len(fake.calls()) == 4 and len(list(out.iterdir())) == 3
     assert containers_of(client, images.full) == []
@@ -258,20 +248,7 @@ def test_engine_docker_chunks_failures_and_cleanup(images, client, data, fake):
 def test_engine_docker_ctrl_c_stops_and_removes_the_container(images, client, data, fake):
     fake.configure(slow_on=["20210305_NE_mockData1_001"])
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "steinpix",
-            "classify",
-            "ilastik",
-            "run",
-            "--engine",
-            "docker",
-            "--docker-image",
-            images.full,
-            "--ilp",
-            "pretrained.ilp",
-        ],
+        [*STEINPIX, *engine_docker(images.full)],
         cwd=data,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -295,32 +272,15 @@ def test_engine_docker_ctrl_c_stops_and_removes_the_container(images, client, da
 
 
 def test_engine_docker_missing_image(images, data):
-    result = steinpix(
-        "classify",
-        "ilastik",
-        "run",
-        "--engine",
-        "docker",
-        "--docker-image",
-        "steinpix-test:does-not-exist",
-        "--ilp",
-        "pretrained.ilp",
-        cwd=data,
-    )
+    result = steinpix(*engine_docker("steinpix-test:does-not-exist"), cwd=data)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("Error: Docker image steinpix-test:does-not-exist not found")
 
 
-def test_engine_docker_daemon_not_running(daemon, data, tmp_path):
+def test_engine_docker_daemon_not_running(data, tmp_path):
     result = steinpix(
-        "classify",
-        "ilastik",
-        "run",
-        "--engine",
-        "docker",
-        "--ilp",
-        "pretrained.ilp",
+        *engine_docker("steinpix-test:slim"),
         cwd=data,
         env={"DOCKER_HOST": f"unix://{tmp_path}/not-running.sock"},
     )
