@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dockerd import CACHE
+from dockerd import CACHE, NICE
 from fake_ilastik import SOURCE as FAKE_SOURCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +148,7 @@ def _debootstrap_tar() -> Path:
         rootfs = Path(tmp) / "rootfs"
         _run(
             [
+                *NICE,
                 "debootstrap",
                 "--variant=minbase",
                 f"--include={','.join(BASE_PACKAGES)}",
@@ -218,6 +219,7 @@ def wheels_dir() -> Path:
     try:
         _run(
             [
+                *NICE,
                 sys.executable,
                 "-m",
                 "pip",
