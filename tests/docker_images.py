@@ -356,4 +356,13 @@ def build_test_images(host: str) -> TestImages:
     # no Debian mirror in builds: the fake ilastik needs no GUI libraries
     build(cli, images.full, "full", {**common, "ILASTIK_IMAGE": ilastik, "GUI_PACKAGES": ""})
     timings["full build"] = time.monotonic() - start
+    # containers that a killed session left behind (a running one may be another session's)
+    for image in (images.slim, images.full):
+        listed = subprocess.run(
+            [*cli, "ps", "-aq", "--filter", f"ancestor={image}", "--filter", "status=exited"],
+            capture_output=True,
+            text=True,
+        )
+        if listed.stdout.split():
+            subprocess.run([*cli, "rm", *listed.stdout.split()], capture_output=True)
     return images

@@ -28,6 +28,8 @@ DEFAULT_SOCKET = "/var/run/docker.sock"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 STORAGE_DRIVERS = ("overlay2", "vfs")
+# debootstrap and pip run beside the other tests at a lower priority (not the daemon: the tests
+# wait for its answers)
 NICE = ["nice", "-n", "10"] if shutil.which("nice") else []
 
 
@@ -98,9 +100,6 @@ def _start(dockerd: str, driver: str, data_root: Path, workdir: Path, lock_fd: i
     sock = workdir / "docker.sock"
     log = workdir / f"dockerd-{driver}.log"
     args = [
-        # the images build while the other tests run: at a lower priority, so that tests that
-        # time things are not starved (containers and builds run as the daemon's children)
-        *NICE,
         dockerd,
         f"--data-root={data_root}",
         f"--exec-root={workdir / 'exec'}",

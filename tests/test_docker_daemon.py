@@ -87,8 +87,20 @@ def steinpix(*args: str, cwd: Path, env: dict[str, str] | None = None, **kwargs)
     )
 
 
-def containers_of(client, image: str) -> list:
-    return client.containers.list(all=True, filters={"ancestor": image})
+def containers_of(client, image: str) -> set[str]:
+    """Ids of the containers made from ``image``, running or not."""
+    return {c.id for c in client.containers.list(all=True, filters={"ancestor": image})}
+
+
+@pytest.fixture
+def new_containers(client, images):
+    """The ids of containers of the test images made since the test began."""
+    before = containers_of(client, images.full) | containers_of(client, images.slim)
+
+    def new() -> set[str]:
+        return (containers_of(client, images.full) | containers_of(client, images.slim)) - before
+
+    return new
 
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:
@@ -213,7 +225,7 @@ def host_mounts(call: dict) -> set[str]:
     }
 
 
-def test_engine_docker_chunks_failures_and_cleanup(images, client, data, fake):
+def test_engine_docker_chunks_failures_and_cleanup(images, new_containers, data, fake):
     fake.configure(fail_on=["20210305_NE_mockData1_002"])
     result = steinpix(*engine_docker(images.full, "--chunk", "1"), cwd=data)
     assert result.returncode != 0
@@ -236,16 +248,16 @@ def test_engine_docker_chunks_failures_and_cleanup(images, client, data, fake):
         assert call["argv"][1] == "--project=/data/pretrained.ilp"
         assert call["argv"][-1].startswith("/data/ilastik_img/")
         assert call["env"]["HOME"] == "/tmp"
-    assert containers_of(client, images.full) == []
+    assert new_containers() == set()
 
     fake.configure()  # the rerun only classifies the failed image
     result = steinpix(*engine_docker(images.full, "--chunk", "1"), cwd=data)
     assert result.returncode == 0, result.stderr
     assert len(fake.calls()) == 4 and len(list(out.iterdir())) == 3
-    assert containers_of(client, images.full) == []
+    assert new_containers() == set()
 
 
-def test_engine_docker_ctrl_c_stops_and_removes_the_container(images, client, data, fake):
+def test_engine_docker_ctrl_c_stops_and_removes_the_container(images, new_containers, data, fake):
     fake.configure(slow_on=["20210305_NE_mockData1_001"])
     proc = subprocess.Popen(
         [*STEINPIX, *engine_docker(images.full)],
@@ -256,7 +268,7 @@ def test_engine_docker_ctrl_c_stops_and_removes_the_container(images, client, da
     )
     try:
         fake.wait_for("started", timeout=120)
-        assert len(containers_of(client, images.full)) == 1
+        assert len(new_containers()) == 1
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
@@ -266,7 +278,7 @@ def test_engine_docker_ctrl_c_stops_and_removes_the_container(images, client, da
     assert proc.returncode != 0
     assert time.monotonic() - start < 30
     assert "Interrupted: stopping container" in stderr
-    assert containers_of(client, images.full) == []
+    assert new_containers() == set()
     out = data / "ilastik_probabilities"
     assert not out.exists() or list(out.iterdir()) == []
 
@@ -293,7 +305,7 @@ def test_engine_docker_daemon_not_running(data, tmp_path):
 # apps ilastik --docker
 
 
-def test_apps_ilastik_docker_passes_arguments_and_x11(images, client, data, fake, tmp_path):
+def test_apps_ilastik_docker_passes_arguments_and_x11(images, new_containers, data, fake, tmp_path):
     fake.configure(exit_code=3)
     xauthority = tmp_path / "xauth"
     xauthority.write_bytes(b"cookie")
@@ -322,7 +334,7 @@ def test_apps_ilastik_docker_passes_arguments_and_x11(images, client, data, fake
         {"/tmp/.X11-unix"} if Path("/tmp/.X11-unix").is_dir() else set()
     )
     assert host_mounts(call) == expected
-    assert containers_of(client, images.full) == []
+    assert new_containers() == set()
 
 
 def test_full_image_entry_point_and_ilastik(images, client):
