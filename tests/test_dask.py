@@ -282,6 +282,25 @@ def test_unreachable_scheduler_is_one_line_and_fast(tmp_path):
     )
 
 
+def test_malformed_address_is_one_line_and_fast(tmp_path):
+    # a real process: a half-built Client would print a traceback at exit, after a wait
+    project = make_project(tmp_path / "p")
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "steinpix", "classify", "ilastik", "run", "--dask", "tcp://h:x"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert time.monotonic() - start < 15
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("Error:") == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "Error: Dask scheduler tcp://h:x: not a valid address ("
+    )
+
+
 def test_bad_scheduler_file(tmp_path):
     project = make_project(tmp_path / "p")
     (project / "scheduler.json").write_text("{}")

@@ -97,6 +97,14 @@ def connect(address: str, timeout: float | None = None) -> Any:
     """
     distributed = import_distributed()
     timeout = connect_timeout() if timeout is None else timeout
+    from distributed.comm.addressing import get_address_host_port
+
+    try:  # checked first: a Client half-built from a malformed address hangs on exit
+        get_address_host_port(address)
+    except (ValueError, TypeError) as e:
+        raise SteinpixError(
+            f"Dask scheduler {address}: not a valid address ({first_line(e)})", exit_code=2
+        ) from None
     try:
         client = distributed.Client(address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError):  # refused or timed out: Dask retries until the timeout
