@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -244,3 +246,11 @@ def test_one_thread_gives_the_same_result(project):
     finally:
         numba.set_num_threads(before)
     np.testing.assert_array_equal(single, reference_of(IN_REPO_IMAGES[1]))
+
+
+def test_kernels_cached_is_false_for_an_empty_numba_cache(tmp_path):
+    # the "Compiling ..." notice depends on it; the Docker image test checks the other side
+    code = "from steinpix import engine; print(engine.kernels_cached())"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -68,10 +68,10 @@ TIFF_STRIP_BYTES = 256 * 1024
 def kernels_cached() -> bool:
     """Whether numba's on-disk cache holds the compiled feature kernels (if not, the first
     image compiles them, which takes about half a minute). True when it cannot tell."""
-    from steinpix import features
+    from steinpix import fused
 
-    try:
-        return Path(features._feature_rows._cache._cache_file._index_path).exists()
+    try:  # the fused row kernel: the largest one, compiled last
+        return Path(fused._classify_rows._cache._cache_file._index_path).exists()
     except AttributeError:  # numba internals moved: no hint rather than a wrong one
         return True
 
