@@ -108,6 +108,17 @@ def decode_colors(values: np.ndarray) -> np.ndarray | None:
     return None
 
 
+def _open_h5(path: Path, not_readable: str) -> h5py.File:
+    """Open an HDF5 file for reading; a missing or unreadable file is one line naming it
+    (``not_readable`` is formatted with h5py's message)."""
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise SteinpixError(f"{path}: file not found") from None
+    except OSError as e:
+        raise SteinpixError(f"{path}: {not_readable.format(e)}") from None
+
+
 def _dataset(group: h5py.Group, name: str) -> np.ndarray | None:
     ds = group.get(name)
     if not isinstance(ds, h5py.Dataset) or ds.attrs.get("isEmpty", False):
@@ -134,13 +145,7 @@ def read_classes(ilp: str | os.PathLike) -> Classes:
         When the file is not HDF5 or has no class names.
     """
     ilp = Path(ilp)
-    try:
-        f = h5py.File(ilp, "r")
-    except FileNotFoundError:
-        raise SteinpixError(f"{ilp}: file not found") from None
-    except OSError as e:
-        raise SteinpixError(f"{ilp}: not an ilastik project (HDF5: {e})") from None
-    with f:
+    with _open_h5(ilp, "not an ilastik project (HDF5: {})") as f:
         group = f.get("PixelClassification")
         if not isinstance(group, h5py.Group):
             raise SteinpixError(f"{ilp}: no PixelClassification group (not a pixel classifier)")
@@ -419,13 +424,7 @@ def read_first_channel(path: str | os.PathLike, dataset: str = IMG_DATASET) -> n
     channel : (Y, X) float32 ndarray
     """
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise SteinpixError(f"{path}: file not found") from None
-    except OSError as e:
-        raise SteinpixError(f"{path}: not an HDF5 image ({e})") from None
-    with f:
+    with _open_h5(path, "not an HDF5 image ({})") as f:
         ds = f.get(dataset)
         if not isinstance(ds, h5py.Dataset):
             hint = (
