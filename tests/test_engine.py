@@ -254,3 +254,42 @@ def test_kernels_cached_is_false_for_an_empty_numba_cache(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+LOAD_CACHED = """
+import sys
+from steinpix import engine
+cached = engine.kernels_cached()
+engine.init_numba()
+classifier, selection = engine.load_project(sys.argv[1])
+for profile in ("133", "14x"):
+    engine.predict_file(sys.argv[2], f"{sys.argv[3]}/{profile}.tiff", classifier, selection,
+                        profile, exports={"uncertainty": f"{sys.argv[3]}/u{profile}.tiff"})
+print(cached, "numba.np.linalg" in sys.modules)
+"""
+
+
+def test_init_numba_runs_the_cached_kernels_without_numba_s_whole_target(tmp_path, project):
+    # run's start-up: numba loads the engine's machine code from its cache without importing
+    # and registering everything it could compile (numba.np.linalg is one of those modules)
+    img = IN_REPO_IMAGES[0]
+    (tmp_path / "sub").mkdir()
+    for _ in range(2):  # the first may compile (a cold cache), which needs the whole target
+        out = subprocess.run(
+            [sys.executable, "-c", LOAD_CACHED, str(PROJECT), str(img), str(tmp_path / "sub")],
+            capture_output=True, text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        cached, whole_target = out.stdout.split()
+        if cached == "True":
+            break
+    assert whole_target == "False"
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "sub" / "133.tiff"),
+                                  reference_of(img))
+    classifier, selection = project  # the same files from numba's usual start in this process
+    for profile in ("133", "14x"):
+        engine.predict_file(img, tmp_path / f"{profile}.tiff", classifier, selection, profile,
+                            exports={"uncertainty": tmp_path / f"u{profile}.tiff"})
+        for name in (f"{profile}.tiff", f"u{profile}.tiff"):
+            np.testing.assert_array_equal(tifffile.imread(tmp_path / "sub" / name),
+                                          tifffile.imread(tmp_path / name))

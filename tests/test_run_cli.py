@@ -165,6 +165,44 @@ def test_console_script_runs_the_builtin_engine(workdir):
     assert len(result.stdout.splitlines()) == 3
 
 
+def test_console_script_failures_keep_their_exit_status_and_message(workdir):
+    # the process ends without Python's teardown (_cli.utils.exit_quickly): the status, the
+    # one-line error and the images done before the failure must all still come out
+    (workdir / "ilastik_img" / "broken.h5").write_bytes(b"not HDF5")
+    result = subprocess.run(
+        [sys.executable, "-m", "steinpix", "classify", "ilastik", "run", "-v", "WARNING"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+    )
+    assert result.returncode == 1
+    assert len(result.stdout.splitlines()) == 3
+    assert result.stderr.splitlines()[-1] == "Error: 1 of 4 images failed: ilastik_img/broken.h5"
+
+
+QUICK_EXIT = """
+import atexit, sys, threading, time
+from steinpix._cli import utils
+atexit.register(lambda: print("atexit ran", flush=True))
+utils.allow_quick_exit()
+if sys.argv[1] == "thread":  # a live non-daemon thread: Python's own exit waits for it
+    threading.Thread(target=time.sleep, args=(0.5,)).start()
+print("unflushed", end="")
+utils.exit_quickly(int(sys.argv[2]))
+print(" exited normally", end="")
+sys.exit(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("thread, status", [("", 0), ("", 3), ("thread", 3)])
+def test_exit_quickly_runs_atexit_flushes_and_keeps_the_status(thread, status):
+    result = subprocess.run([sys.executable, "-c", QUICK_EXIT, thread, str(status)],
+                            capture_output=True, text=True)
+    assert result.returncode == status
+    normal = " exited normally" if thread else ""
+    assert result.stdout == f"unflushed{normal}atexit ran\n"
+
+
 def test_uncertainty_and_segmentation_in_the_same_run(workdir):
     result = run("--uncertainty", "unc", "--segmentation", "seg")
     assert result.exit_code == 0, result.output

@@ -1,3 +1,3 @@
-from steinpix._cli.main import main
+from steinpix._cli.main import cli
 
-main()
+cli()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -23,7 +24,7 @@ import numba
 import numpy as np
 import tifffile
 
-from steinpix import features, progress
+from steinpix import features, forest, progress
 from steinpix.atomic import atomic_output, temporary_sibling
 from steinpix.errors import SteinpixError
 from steinpix.exports import EXPORTS, export_uint16
@@ -76,30 +77,65 @@ def kernels_cached() -> bool:
         return True
 
 
-def init_numba(linalg: bool = True) -> None:
-    """Initialise numba's CPU target now, as the first compiled call would (about 0.4 s).
+def init_numba() -> None:
+    """Get numba ready to run the engine's kernels from its on-disk cache, quickly.
 
-    Parameters
-    ----------
-    linalg : bool
-        False: without numba's linear algebra. numba imports ``scipy.linalg`` (about 0.2 s)
-        only to give ``np.dot`` and ``np.linalg`` in compiled code a BLAS; the engine's kernels
-        use neither. numba then has no linear algebra in this process, so only a process that
-        runs nothing but the engine (the ``run`` command) should pass False. Without effect
-        when ``scipy.linalg`` or numba's target is loaded already.
+    Before numba loads a cached kernel it prepares its whole CPU target: it imports and
+    registers the typing and lowering of everything it can compile (about 0.25 s, the largest
+    part of a ``run`` command's start-up), though machine code loaded from the cache needs only
+    numba's runtime. This starts the runtime and lets the engine's kernels load without the
+    rest. A cache miss (the first run after installation, or another CPU) still compiles as
+    usual: numba's compiler prepares the whole target itself. Once per process; later calls do
+    nothing. Where numba's internals differ from those of the releases this was written for
+    (0.57 to 0.68), it prepares the whole target as numba would.
     """
-    import sys
+    global _numba_ready
+    with _numba_lock:
+        if _numba_ready:
+            return
+        from numba.core.registry import cpu_target
 
-    from numba.core.registry import cpu_target
+        context = cpu_target.target_context
+        caches = [cache for cache in _kernel_caches() if hasattr(cache, "_load_overload")]
+        try:
+            from numba.core.runtime import rtsys
+        except ImportError:
+            caches = []
+        if not caches:
+            context.refresh()
+        else:
+            from numba.core.compiler_lock import global_compiler_lock
 
-    block = not linalg and "scipy.linalg" not in sys.modules
-    if block:
-        sys.modules["scipy.linalg"] = None  # makes `import scipy.linalg...` fail at once
-    try:
-        cpu_target.target_context.refresh()
-    finally:
-        if block and sys.modules.get("scipy.linalg", 0) is None:
-            del sys.modules["scipy.linalg"]
+            with global_compiler_lock:  # as numba initialises its runtime
+                rtsys.initialize(context)
+            for cache in caches:
+                cache.load_overload = functools.partial(_load_cached, cache)
+        _numba_ready = True
+
+
+_numba_lock = threading.Lock()
+_numba_ready = False
+
+
+def _kernel_caches() -> list:
+    """numba's on-disk caches of the engine's kernels (all compiled functions of its modules)."""
+    from numba.core.dispatcher import Dispatcher
+
+    from steinpix import fused, lzw
+
+    modules = (features, forest, fused, lzw)
+    return [
+        value._cache
+        for module in modules
+        for value in vars(module).values()
+        if isinstance(value, Dispatcher) and getattr(value, "_cache", None) is not None
+    ]
+
+
+def _load_cached(cache, signature, target_context):
+    """numba's ``Cache.load_overload`` without its refresh of the whole target: the kernel's
+    machine code from the cache, or None (numba then compiles, preparing the target itself)."""
+    return cache._load_overload(signature, target_context)
 
 
 def set_threads(n: int | None) -> int:

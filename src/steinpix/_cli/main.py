@@ -9,6 +9,7 @@ from steinpix._cli.fix import fix_cmd
 from steinpix._cli.prepare import prepare_cmd
 from steinpix._cli.preview import preview_cmd
 from steinpix._cli.run import run_cmd
+from steinpix._cli.utils import exit_quickly
 
 
 def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -51,3 +52,13 @@ ilastik_group.add_command(preview_cmd)
 ilastik_group.add_command(fix_cmd)
 
 main.add_command(apps_group)
+
+
+def cli() -> None:
+    """The ``steinpix`` executable: :func:`main`, ending quickly where the command allows it
+    (:func:`steinpix._cli.utils.exit_quickly`)."""
+    try:
+        main()
+    except SystemExit as exc:
+        exit_quickly(exc.code)
+        raise

@@ -10,7 +10,13 @@ import click
 from click.core import ParameterSource
 
 from steinpix import batch, progress
-from steinpix._cli.utils import ilastik_binary_option, ilp_option, one_line_errors, verbosity_option
+from steinpix._cli.utils import (
+    allow_quick_exit,
+    ilastik_binary_option,
+    ilp_option,
+    one_line_errors,
+    verbosity_option,
+)
 from steinpix.errors import SteinpixError
 
 logger = logging.getLogger("steinpix")
@@ -221,11 +227,11 @@ def _run(
 ) -> list[batch.ImageResult]:
     """The batch, locally or on the Dask cluster at ``address``; returns the failed images."""
     if address is None:
+        allow_quick_exit()  # nothing of this process outlives the batch
         if chosen == "builtin":
             from steinpix import engine
 
-            # this process runs nothing but the engine: numba's target without linear algebra
-            engine.init_numba(linalg=False)
+            engine.init_numba()  # loads the compiled kernels without numba's whole target
         failed = batch.run_batch(job, pending, on_result=report)
     else:
         from steinpix import cluster
