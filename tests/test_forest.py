@@ -265,6 +265,30 @@ def test_large_trees_are_walked_and_medium_trees_use_two_slots(tmp_path):
     np.testing.assert_array_equal(predict_proba(classifier, x), reference_predict(ilp, x))
 
 
+@pytest.mark.parametrize("n_classes", [1, 2, 3, 8])
+@pytest.mark.parametrize("pickled", [PARALLEL_PICKLE, SINGLE_PICKLE])
+def test_vote_counting_with_walked_and_two_slot_trees_matches_reference(tmp_path, n_classes,
+                                                                         pickled):
+    rng = np.random.default_rng(20 + n_classes)
+    n_features = 6
+    sizes = [[1, 3, 33, 64, 65, 200, 17], [32, 2, 150], [5] * 12]
+    if pickled == SINGLE_PICKLE:
+        sizes = sizes[:1]
+    values = rng.normal(size=(50, n_features)).astype(np.float32) * 1.5
+    forests = [[random_tree(rng, n_features, n_classes, n, pure=True, values=values) for n in s]
+               for s in sizes]
+    ilp = write_project(tmp_path / "p.ilp", forests, n_features, n_classes, pickled=pickled)
+    classifier = load_classifier(ilp)
+    assert classifier.flat.votes
+    slots = [1 if n <= 32 else 2 if n <= 64 else 0 for s in sizes for n in s]
+    assert list(np.diff(classifier.flat.tree_slot_start)) == slots
+    x = random_features(rng, 1007, n_features, forests)  # not a whole number of blocks
+    x[5:40:7, 2] = np.nan
+    got = predict_proba(classifier, x)
+    np.testing.assert_array_equal(got, reference_predict(ilp, x))
+    assert np.all(got[5:40:7] == 0)
+
+
 def test_votes_disabled_beyond_255_trees_or_8_classes(tmp_path):
     rng = np.random.default_rng(5)
     stumps = [[random_tree(rng, 3, 2, 2, pure=True) for _ in range(256)]]

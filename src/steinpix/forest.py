@@ -145,14 +145,15 @@ class FlatForest(NamedTuple):
         Rounded-up threshold of the entry's split node.
     qs_mask : (n_entries,) uint32 ndarray
         Bits of the slot to keep when the pixel goes right.
+    qs_vote_mask : (n_slots * K,) uint32 ndarray
+        When ``votes``: ``qs_vote_mask[slot * K + c]`` has the bits of the slot's leaves that
+        vote for class ``c`` (zeros otherwise).
     forest_start : (n_forests + 1,) int64 ndarray
         Trees of forest ``f`` are ``forest_start[f]:forest_start[f+1]``.
     forest_tree_count : (n_forests,) float32 ndarray
         Tree count of each forest (the weight lazyflow gives to its probabilities).
-    vote_table : (n_forests, 256) float32 ndarray
-        For ``votes``: forest ``f``'s contribution when ``n`` of its trees vote for a class,
-        ``f32(n) / f32(T_f)`` (times ``f32(T_f)`` when ``combine``), in float32 as vigra and
-        lazyflow compute it.
+    walked, walked_forest : (n_walked,) int64 ndarray
+        The trees without slots (walked) and their forests.
     total_tree_count : float32
         Sum of the tree counts.
     combine : bool
@@ -161,7 +162,8 @@ class FlatForest(NamedTuple):
     votes : bool
         All leaves are pure and unweighted (weights 0 or 1, one 1 per leaf), there are at most 8
         classes and 255 trees per forest. Per-forest sums are then exact vote counts, which are
-        accumulated as packed bytes; the result is identical to the general float arithmetic.
+        counted in integer vector lanes and normalised as vigra does (:func:`_vote_probs`);
+        the result is identical to the general float arithmetic.
     """
 
     next_node: np.ndarray
@@ -181,9 +183,11 @@ class FlatForest(NamedTuple):
     qs_column: np.ndarray
     qs_threshold: np.ndarray
     qs_mask: np.ndarray
+    qs_vote_mask: np.ndarray
     forest_start: np.ndarray
     forest_tree_count: np.ndarray
-    vote_table: np.ndarray
+    walked: np.ndarray
+    walked_forest: np.ndarray
     total_tree_count: np.float32
     combine: bool
     votes: bool
@@ -638,14 +642,16 @@ def _votes_possible(leaf_weights: np.ndarray, forests, n_classes: int) -> bool:
     return pure and n_classes <= 8 and max(f.tree_count for f in forests) <= 255
 
 
-def _vote_table(counts: list[int], combine: bool) -> np.ndarray:
-    """Per forest and vote count ``n``: ``f32(n) / f32(T)`` (then ``* f32(T)`` if combine)."""
-    table = np.zeros((len(counts), 256), dtype=np.float32)
-    n = np.arange(256, dtype=np.float32)
-    for f, count in enumerate(counts):
-        t = np.float32(count)
-        table[f] = n / t * t if combine else n / t  # numpy float32 ops round like vigra's
-    return table
+def _fill_vote_masks(vote_mask: np.ndarray, leaf_class: np.ndarray, tables: _Tables) -> None:
+    """Set bit ``i % 32`` of ``vote_mask[slot0 + i // 32, c]`` for leaf ``i`` of each
+    QuickScorer tree voting for class ``c`` (``leaf_class``: per QuickScorer leaf)."""
+    ends = [*tables.leaf_start[1:], len(tables.qs_leaf_node)]
+    for t, (first, end) in enumerate(zip(tables.leaf_start, ends, strict=True)):
+        slot0 = tables.slot_start[t]
+        if tables.slot_start[t + 1] == slot0:
+            continue  # walked
+        for i in range(end - first):
+            vote_mask[slot0 + i // 32, leaf_class[first + i]] |= np.uint32(1 << (i % 32))
 
 
 def flatten_forests(forests: tuple[Forest, ...] | list[Forest], n_features: int, n_classes: int,
@@ -680,14 +686,17 @@ def flatten_forests(forests: tuple[Forest, ...] | list[Forest], n_features: int,
     is_leaf = np.array(tables.is_leaf, dtype=bool)
     votes = _votes_possible(weights[is_leaf], forests, n_classes)
     leaf_vote = np.zeros(len(weights), dtype=np.uint64)
+    n_slots = tables.slot_start[-1]
+    qs_leaf_node = np.array(tables.qs_leaf_node, dtype=np.uint32)
+    vote_mask = np.zeros((n_slots, n_classes), dtype=np.uint32)
     if votes:
         classes = np.argmax(weights[is_leaf], axis=1).astype(np.uint64)
         leaf_vote[is_leaf] = np.left_shift(np.uint64(1), np.uint64(8) * classes)
+        _fill_vote_masks(vote_mask, np.argmax(weights[qs_leaf_node], axis=1), tables)
     # Entries grouped by slot, so that a slot's mask stays in a register; then by column.
     entries = sorted(tables.qs_entries, key=lambda e: (e[0], e[1]))
     slots = np.array([e[0] for e in entries], dtype=np.int64)
-    n_slots = tables.slot_start[-1]
-    qs_leaf_node = np.array(tables.qs_leaf_node, dtype=np.uint32)
+    walked = np.flatnonzero(np.diff(tables.slot_start) == 0).astype(np.int64)
     return FlatForest(
         next_node=np.array(tables.next_node, dtype=np.uint32),
         column=np.array(tables.column, dtype=np.uint32),
@@ -706,9 +715,11 @@ def flatten_forests(forests: tuple[Forest, ...] | list[Forest], n_features: int,
         qs_column=np.array([e[1] for e in entries], dtype=np.int64),
         qs_threshold=round_up_to_float32(np.array([e[2] for e in entries], dtype=np.float64)),
         qs_mask=np.array([e[3] for e in entries], dtype=np.uint32),
+        qs_vote_mask=vote_mask.reshape(-1),
         forest_start=np.array(starts, dtype=np.int64),
         forest_tree_count=np.array(counts, dtype=np.float32),
-        vote_table=_vote_table(counts, combine) if votes else np.zeros((0, 256), np.float32),
+        walked=walked,
+        walked_forest=np.searchsorted(starts, walked, side="right").astype(np.int64) - 1,
         total_tree_count=np.float32(sum(counts)),
         combine=bool(combine),
         votes=votes,
@@ -748,19 +759,74 @@ def _cttz32(typingctx, value):
     return sig, codegen
 
 
+class _Emitter:
+    """LLVM IR helpers shared by the QuickScorer intrinsics (8-lane int32/float vectors)."""
+
+    def __init__(self, builder):
+        self.builder = builder
+        self.i32, self.i64 = ir.IntType(32), ir.IntType(64)
+        self.fvec = ir.VectorType(ir.FloatType(), _SIMD)
+        self.ivec = ir.VectorType(self.i32, _SIMD)
+        self.ones = ir.Constant(self.ivec, [0xFFFFFFFF] * _SIMD)
+        self.zeros = ir.Constant(self.ivec, [0] * _SIMD)
+
+    def splat(self, value, vec_type):
+        b = self.builder
+        undef = ir.Constant(vec_type, ir.Undefined)
+        return b.shuffle_vector(b.insert_element(undef, value, self.i32(0)), undef, self.zeros)
+
+    def at(self, ptr, index):
+        """``ptr[index]`` (a scalar load)."""
+        return self.builder.load(self.builder.gep(ptr, [index]))
+
+    def vec_ptr(self, ptr, index, vec_type):
+        return self.builder.bitcast(self.builder.gep(ptr, [index]), vec_type.as_pointer())
+
+    def slot_masks(self, slot, xt_p, offset, stride, start_p, col_p, thr_p, mask_p):
+        """The leaf masks of one slot, LANES // _SIMD vectors: start from all ones and, for each
+        of the slot's entries, keep only its mask in the lanes that go right (not below the
+        threshold, NaN included)."""
+        b, i64 = self.builder, self.i64
+        keep = [cgutils.alloca_once(b, self.ivec) for _ in range(LANES // _SIMD)]
+        for acc in keep:
+            b.store(self.ones, acc)
+        e0 = self.at(start_p, slot)
+        e1 = self.at(start_p, b.add(slot, i64(1)))
+        with cgutils.for_range(b, e1, start=e0) as entry_loop:
+            e = entry_loop.index
+            base = b.add(b.mul(self.at(col_p, e), stride), offset)
+            thr = self.splat(self.at(thr_p, e), self.fvec)
+            mask = self.splat(self.at(mask_p, e), self.ivec)
+            for g, acc in enumerate(keep):
+                x = b.load(self.vec_ptr(xt_p, b.add(base, i64(g * _SIMD)), self.fvec), align=4)
+                left = b.sext(b.fcmp_ordered("<", x, thr), self.ivec)
+                b.store(b.and_(b.load(acc), b.or_(left, mask)), acc)
+        return [b.load(acc) for acc in keep]
+
+
+def _data_pointers(context, builder, signature, args, which):
+    """Data pointers of the array arguments at positions ``which``."""
+    return [context.make_array(signature.args[i])(context, builder, args[i]).data for i in which]
+
+
+def _length(context, builder, array_type, array):
+    """Length of a 1-D array argument (int64)."""
+    shape = context.make_array(array_type)(context, builder, array).shape
+    return cgutils.unpack_tuple(builder, shape, 1)[0]
+
+
+_QS_DTYPES = (types.int64, types.int64, types.float32, types.uint32)  # slot_start .. mask
+
+
 @intrinsic
 def _quickscorer(typingctx, xt, offset, stride, bits, slot_start, column, threshold, mask):
     """QuickScorer over a block: ``bits[slot * LANES + lane]`` for every slot and pixel.
 
     Feature ``j`` of the block's pixel ``lane`` is ``xt[j * stride + offset + lane]``.
-
-    For each slot, start from all ones and, for each entry of the slot, keep only ``mask``
-    in the lanes whose feature is not below the threshold (the pixel goes right; NaN too).
     Written as LLVM vector IR because numba's loops over 16 lanes are not vectorised.
     """
     args = (xt, bits, slot_start, column, threshold, mask)
-    dtypes = (types.float32, types.uint32, types.int64, types.int64, types.float32, types.uint32)
-    if not _arrays_are(args, dtypes) or not all(
+    if not _arrays_are(args, (types.float32, types.uint32, *_QS_DTYPES)) or not all(
         isinstance(t, types.Integer) for t in (offset, stride)
     ):
         return None
@@ -768,47 +834,156 @@ def _quickscorer(typingctx, xt, offset, stride, bits, slot_start, column, thresh
 
     def codegen(context, builder, signature, args):
         offset, stride = args[1], args[2]
-        arrays = (signature.args[0], *signature.args[3:]), (args[0], *args[3:])
-        xt_p, bits_p, start_p, col_p, thr_p, mask_p = (
-            context.make_array(ty)(context, builder, val).data
-            for ty, val in zip(*arrays, strict=True)
-        )
-        n_slots_plus_1 = context.make_array(signature.args[4])(context, builder, args[4]).shape
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        fvec, ivec = ir.VectorType(ir.FloatType(), _SIMD), ir.VectorType(i32, _SIMD)
-        ones = ir.Constant(ivec, [0xFFFFFFFF] * _SIMD)
-        lane0 = ir.Constant(ivec, [0] * _SIMD)
-
-        def splat(value, vec_type):
-            undef = ir.Constant(vec_type, ir.Undefined)
-            return builder.shuffle_vector(builder.insert_element(undef, value, i32(0)), undef,
-                                          lane0)
-
-        groups = LANES // _SIMD
-        keep = [cgutils.alloca_once(builder, ivec) for _ in range(groups)]
-        n_slots = builder.sub(cgutils.unpack_tuple(builder, n_slots_plus_1, 1)[0], i64(1))
+        xt_p, bits_p, *qs = _data_pointers(context, builder, signature, args, (0, 3, 4, 5, 6, 7))
+        em = _Emitter(builder)
+        n_slots = builder.sub(_length(context, builder, signature.args[4], args[4]), em.i64(1))
         with cgutils.for_range(builder, n_slots) as slot_loop:
             slot = slot_loop.index
-            for acc in keep:
-                builder.store(ones, acc)
-            e0 = builder.load(builder.gep(start_p, [slot]))
-            e1 = builder.load(builder.gep(start_p, [builder.add(slot, i64(1))]))
-            with cgutils.for_range(builder, e1, start=e0) as entry_loop:
-                e = entry_loop.index
-                column = builder.load(builder.gep(col_p, [e]))
-                base = builder.add(builder.mul(column, stride), offset)
-                thr = splat(builder.load(builder.gep(thr_p, [e])), fvec)
-                mask = splat(builder.load(builder.gep(mask_p, [e])), ivec)
-                for g, acc in enumerate(keep):
-                    ptr = builder.gep(xt_p, [builder.add(base, i64(g * _SIMD))])
-                    x = builder.load(builder.bitcast(ptr, fvec.as_pointer()), align=4)
-                    left = builder.fcmp_ordered("<", x, thr)
-                    builder.store(builder.and_(builder.load(acc), builder.select(left, ones, mask)),
-                                  acc)
-            out = builder.mul(slot, i64(LANES))
-            for g, acc in enumerate(keep):
-                ptr = builder.gep(bits_p, [builder.add(out, i64(g * _SIMD))])
-                builder.store(builder.load(acc), builder.bitcast(ptr, ivec.as_pointer()), align=4)
+            words = em.slot_masks(slot, xt_p, offset, stride, *qs)
+            out = builder.mul(slot, em.i64(LANES))
+            for g, word in enumerate(words):
+                ptr = em.vec_ptr(bits_p, builder.add(out, em.i64(g * _SIMD)), em.ivec)
+                builder.store(word, ptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _qs_votes(typingctx, xt, offset, stride, counts, tree_slot_start, forest_start, slot_start,
+              column, threshold, mask, vote_mask, n_classes):
+    """Vote counts of the QuickScorer trees of each forest over a block.
+
+    ``counts[(f * (K - 1) + c) * LANES + lane]`` = number of forest ``f``'s QuickScorer trees
+    whose leaf for pixel ``lane`` votes for class ``c < K - 1`` (``K = n_classes``; the last
+    class gets the remaining votes). A tree's leaf is the lowest bit left in its masks (see
+    :func:`_quickscorer`); isolated as ``b & -b``, it is tested against the tree's
+    ``vote_mask`` of each class, all in vector registers. Walked trees are left out.
+    """
+    args = (xt, counts, tree_slot_start, forest_start, slot_start, column, threshold, mask,
+            vote_mask)
+    dtypes = (types.float32, types.int32, types.int64, types.int64, *_QS_DTYPES, types.uint32)
+    if not _arrays_are(args, dtypes) or not all(
+        isinstance(t, types.Integer) for t in (offset, stride, n_classes)
+    ):
+        return None
+    sig = types.void(xt, types.int64, types.int64, *args[1:], types.int64)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        offset, stride, n_classes = args[1], args[2], args[11]
+        xt_p, counts_p, tree_p, forest_p, *qs, vote_p = _data_pointers(
+            context, builder, signature, args, (0, 3, 4, 5, 6, 7, 8, 9, 10))
+        em = _Emitter(b)
+        i64 = em.i64
+        groups = LANES // _SIMD
+        n_test = b.sub(n_classes, i64(1))
+        n_forests = b.sub(_length(context, b, signature.args[5], args[5]), i64(1))
+
+        def count_ptr(f, c, g):
+            index = b.add(b.mul(b.add(b.mul(f, n_test), c), i64(LANES)), i64(g * _SIMD))
+            return em.vec_ptr(counts_p, index, em.ivec)
+
+        def count(f, slot, lsb):
+            """Add the votes of one slot's isolated leaf bits to forest ``f``'s counts."""
+            with cgutils.for_range(b, n_test) as class_loop:
+                c = class_loop.index
+                cm = em.splat(em.at(vote_p, b.add(b.mul(slot, n_classes), c)), em.ivec)
+                for g in range(groups):
+                    ptr = count_ptr(f, c, g)
+                    hit = b.sext(b.icmp_unsigned("!=", b.and_(lsb[g], cm), em.zeros), em.ivec)
+                    b.store(b.sub(b.load(ptr, align=4), hit), ptr, align=4)  # hit is -1
+
+        with cgutils.for_range(b, n_forests) as forest_loop:
+            f = forest_loop.index
+            with cgutils.for_range(b, n_test) as class_loop:
+                for g in range(groups):
+                    b.store(em.zeros, count_ptr(f, class_loop.index, g), align=4)
+            t0 = em.at(forest_p, f)
+            t1 = em.at(forest_p, b.add(f, i64(1)))
+            with cgutils.for_range(b, t1, start=t0) as tree_loop:
+                t = tree_loop.index
+                s0 = em.at(tree_p, t)
+                s1 = em.at(tree_p, b.add(t, i64(1)))
+                with b.if_else(b.icmp_signed("==", s1, b.add(s0, i64(1)))) as (single, other):
+                    with single:  # the usual case: up to 32 leaves
+                        words = em.slot_masks(s0, xt_p, offset, stride, *qs)
+                        count(f, s0, [b.and_(w, b.sub(em.zeros, w)) for w in words])
+                    with other:  # several slots: the lowest bit of the first nonzero word
+                        found = [cgutils.alloca_once_value(b, em.zeros) for _ in range(groups)]
+                        with cgutils.for_range(b, s1, start=s0) as slot_loop:
+                            slot = slot_loop.index
+                            words = em.slot_masks(slot, xt_p, offset, stride, *qs)
+                            lsb = []
+                            for w, seen in zip(words, found, strict=True):
+                                old = b.load(seen)
+                                lsb.append(b.and_(b.and_(w, b.sub(em.zeros, w)), b.not_(old)))
+                                nonzero = b.sext(b.icmp_unsigned("!=", w, em.zeros), em.ivec)
+                                b.store(b.or_(old, nonzero), seen)
+                            count(f, slot, lsb)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _vote_probs(typingctx, counts, forest_start, res, n_classes, combine, total):
+    """Probabilities from vote counts: ``res[c * LANES + lane]`` for every class ``c < K``.
+
+    Per forest ``f`` with ``T`` trees, ``p = f32(n) / f32(T)`` for a class voted ``n`` times
+    (vigra's normalisation; the last class gets ``T`` minus the others' votes); with
+    ``combine`` (lazyflow) the forests' ``p * f32(T)`` are summed in float32 in forest order and
+    divided by ``total``, else the one forest's ``p`` is used as it is. Exact IEEE float32
+    arithmetic in vector registers, so the result equals vigra's float sums of pure leaves.
+    """
+    if not _arrays_are((counts, forest_start, res), (types.int32, types.int64, types.float32)):
+        return None
+    if not isinstance(n_classes, types.Integer) or not isinstance(combine, types.Boolean):
+        return None
+    sig = types.void(counts, forest_start, res, types.int64, types.boolean, types.float32)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        counts_p, forest_p, res_p = _data_pointers(context, b, signature, args, (0, 1, 2))
+        n_classes, combine, total = args[3], args[4], args[5]
+        em = _Emitter(b)
+        i64 = em.i64
+        n_test = b.sub(n_classes, i64(1))
+        n_forests = b.sub(_length(context, b, signature.args[1], args[1]), i64(1))
+        rest = [cgutils.alloca_once(b, em.ivec) for _ in range(LANES // _SIMD)]
+
+        def res_ptr(c, g):
+            return em.vec_ptr(res_p, b.add(b.mul(c, i64(LANES)), i64(g * _SIMD)), em.fvec)
+
+        with cgutils.for_range(b, n_forests) as forest_loop:
+            f = forest_loop.index
+            trees = b.sub(em.at(forest_p, b.add(f, i64(1))), em.at(forest_p, f))
+            trees_i = em.splat(b.trunc(trees, em.i32), em.ivec)
+            trees_f = em.splat(b.sitofp(trees, ir.FloatType()), em.fvec)
+            for acc in rest:
+                b.store(trees_i, acc)
+            first = b.icmp_signed("==", f, i64(0))
+            with cgutils.for_range(b, n_classes) as class_loop:
+                c = class_loop.index
+                tested = b.icmp_signed("<", c, n_test)
+                for g, acc in enumerate(rest):
+                    index = b.add(b.mul(b.add(b.mul(f, n_test), c), i64(LANES)), i64(g * _SIMD))
+                    # the last class's slot may lie outside counts: load it only when tested
+                    votes = cgutils.alloca_once_value(b, b.load(acc))
+                    with b.if_then(tested):
+                        b.store(b.load(em.vec_ptr(counts_p, index, em.ivec), align=4), votes)
+                    n = b.load(votes)
+                    b.store(b.sub(b.load(acc), n), acc)
+                    p = b.fdiv(b.sitofp(n, em.fvec), trees_f)
+                    p = b.select(combine, b.fmul(p, trees_f), p)
+                    ptr = res_ptr(c, g)
+                    b.store(b.select(first, p, b.fadd(b.load(ptr, align=4), p)), ptr, align=4)
+        with b.if_then(combine):
+            all_total = em.splat(total, em.fvec)
+            with cgutils.for_range(b, n_classes) as class_loop:
+                for g in range(LANES // _SIMD):
+                    ptr = res_ptr(class_loop.index, g)
+                    b.store(b.fdiv(b.load(ptr, align=4), all_total), ptr, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -857,23 +1032,60 @@ def _single_slot_leaves(typingctx, bits, leaf, slot_start, leaf_start):
     return sig, codegen
 
 
+@intrinsic
+def _copy_block(typingctx, flat, x0, width, n_feat, xt, nan):
+    """``xt[j * LANES + lane] = flat[j * width + x0 + lane]`` for j < n_feat, lane < LANES, and
+    ``nan[lane]`` = -1 where pixel ``lane`` has a NaN feature (else 0).
+
+    Vector loads and stores (numba leaves this loop scalar); the loads of all features are
+    independent, so the CPU fetches a block's features from the cache in parallel rather than
+    one at a time inside the forest's dependent loop.
+    """
+    if not _arrays_are((flat, xt, nan), (types.float32, types.float32, types.int32)):
+        return None
+    sig = types.void(flat, types.int64, types.int64, types.int64, xt, nan)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        src, dst, nan_p = _data_pointers(context, b, signature, args, (0, 4, 5))
+        x0, width, n = args[1], args[2], args[3]
+        em = _Emitter(b)
+        bad = [cgutils.alloca_once_value(b, em.zeros) for _ in range(LANES // _SIMD)]
+        with cgutils.for_range(b, n) as loop:
+            j = loop.index
+            row = b.add(b.mul(j, width), x0)
+            out = b.mul(j, em.i64(LANES))
+            for g, acc in enumerate(bad):
+                v = b.load(em.vec_ptr(src, b.add(row, em.i64(g * _SIMD)), em.fvec), align=4)
+                b.store(v, em.vec_ptr(dst, b.add(out, em.i64(g * _SIMD)), em.fvec), align=4)
+                is_nan = b.sext(b.fcmp_unordered("uno", v, v), em.ivec)
+                b.store(b.or_(b.load(acc), is_nan), acc)
+        for g, acc in enumerate(bad):
+            b.store(b.load(acc), em.vec_ptr(nan_p, em.i64(g * _SIMD), em.ivec), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(cache=True, nogil=True)
-def _load_block(x, lo, m, xt, nan):
-    """Transpose pixels ``lo..lo+m`` into ``xt[column * LANES + lane]``; flag rows with NaN."""
-    n_features = x.shape[1]
+def _load_block(x, lo, m, n_feat, width, xt, nan):
+    """Pixels ``lo .. lo + m`` (m <= LANES) into ``xt[feature * LANES + lane]``, padded with
+    zeros; ``nan[lane]`` = -1 for pixels with a NaN feature and for padding lanes, else 0.
+
+    ``x`` is flat: an (N, n_feat) matrix (``width`` 0) or an (n_feat, width) image row.
+    """
     for lane in range(LANES):
-        if lane < m:
-            row = lo + lane
-            bad = False
-            for j in range(n_features):
-                value = x[row, j]
-                bad |= np.isnan(value)
-                xt[_U(j) * _U(LANES) + _U(lane)] = value
-            nan[lane] = bad
-        else:  # padding lanes: any finite value, their results are dropped
-            for j in range(n_features):
-                xt[_U(j) * _U(LANES) + _U(lane)] = np.float32(0.0)
-            nan[lane] = True
+        bad = lane >= m
+        for j in range(n_feat):
+            if lane >= m:
+                v = np.float32(0.0)
+            elif width:
+                v = x[_U(j) * _U(width) + _U(lo + lane)]
+            else:
+                v = x[_U(lo + lane) * _U(n_feat) + _U(j)]
+            bad |= np.isnan(v)
+            xt[_U(j) * _U(LANES) + _U(lane)] = v
+        nan[lane] = -1 if bad else 0
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -922,26 +1134,22 @@ def _tree_leaves(ff, xt, offset, stride, bits, leaf):
 
 
 @numba.njit(cache=True, nogil=True)
-def _vote_block(ff, leaf, packed, res):
-    """Pure leaves: count each forest's votes per class (packed bytes) and look up the result."""
-    n_classes = ff.leaf_f32.shape[1]
-    slot_start, forest_start = ff.tree_slot_start, ff.forest_start
-    leaf_vote, qs_leaf_vote, vote_table = ff.leaf_vote, ff.qs_leaf_vote, ff.vote_table
-    for f in range(forest_start.size - 1):
-        packed[:] = 0
-        for t in range(forest_start[f], forest_start[f + 1]):
-            votes = qs_leaf_vote if slot_start[t + 1] > slot_start[t] else leaf_vote
-            row = _U(t) * _U(LANES)
-            for lane in range(LANES):
-                packed[lane] += votes[leaf[row + _U(lane)]]
-        table = vote_table[f]
-        for c in range(n_classes):
-            for lane in range(LANES):
-                n = (packed[lane] >> _U(8 * c)) & _U(255)
-                if f == 0:
-                    res[c * LANES + lane] = table[n]
-                else:
-                    res[c * LANES + lane] += table[n]
+def _walked_votes(ff, xt, counts):
+    """Add the votes of the walked trees (more than :data:`QS_MAX_LEAVES` leaves) to the
+    counts of :func:`_qs_votes`."""
+    n_test = ff.leaf_f32.shape[1] - 1
+    next_node, column, threshold, leaf_vote = ff.next_node, ff.column, ff.threshold, ff.leaf_vote
+    tree_root, walked, walked_forest = ff.tree_root, ff.walked, ff.walked_forest
+    for i in range(walked.size):
+        root, f = tree_root[walked[i]], walked_forest[i]
+        for lane in range(LANES):
+            k = _walk(next_node, column, threshold, root, xt, 0, LANES, lane)
+            vote, c = leaf_vote[k], 0
+            while vote > 1:  # leaf_vote is 1 << 8 * class
+                vote >>= _U(8)
+                c += 1
+            if c < n_test:
+                counts[(f * n_test + c) * LANES + lane] += 1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -978,58 +1186,76 @@ def _general_block(ff, leaf, acc, total, res):
                     res[i] = p * count  # lazyflow: forest_predictions *= treeCount
                 else:
                     res[i] += p * count
+    if combine:
+        for i in range(n_classes * LANES):
+            res[i] /= ff.total_tree_count  # lazyflow: total_predictions /= num_trees (float32)
 
 
 @numba.njit(cache=True, nogil=True)
-def _store_block(res, nan, out_channel, total_tree_count, combine, lo, m, out):
-    n_classes = out_channel.size
+def _store_block(res, nan, out_channel, lo, m, out):
+    """``res[c * LANES + lane]`` into ``out[lo + lane, out_channel[c]]``; zeros elsewhere."""
+    n_classes, n_out = out_channel.size, out.shape[1]
     for lane in range(m):
-        row = lo + lane
-        for c in range(out.shape[1]):
-            out[row, c] = np.float32(0.0)
+        row = out[lo + lane]
+        if n_out > n_classes or nan[lane]:
+            row[:] = np.float32(0.0)
         if nan[lane]:  # vigra: a row with any NaN feature gets all-zero probabilities
             continue
         for c in range(n_classes):
-            value = res[c * LANES + lane]
-            # lazyflow: total_predictions /= num_trees (float32)
-            out[row, out_channel[c]] = value / total_tree_count if combine else value
+            row[_U(out_channel[c])] = res[_U(c) * _U(LANES) + _U(lane)]
 
 
 @numba.njit(cache=True, nogil=True)
 def _block_state(ff, n_features):
-    """Scratch space of one thread for :func:`_classify_block`."""
+    """Scratch space of one thread for :func:`_classify_span`."""
     n_classes = ff.leaf_f32.shape[1]
     n_slots = max(ff.tree_slot_start[-1], 1)
     return (
         np.empty(n_features * LANES, dtype=np.float32),  # xt
-        np.empty(LANES, dtype=np.bool_),  # nan
+        np.empty(LANES, dtype=np.int32),  # nan
         np.empty(n_slots * LANES, dtype=np.uint32),  # bits
         np.empty(ff.tree_root.size * LANES, dtype=np.uint32),  # leaf
         np.empty(n_classes * LANES, dtype=np.float32),  # acc
         np.empty(LANES, dtype=np.float64),  # total
         np.empty(n_classes * LANES, dtype=np.float32),  # res
-        np.empty(LANES, dtype=np.uint64),  # packed
+        np.empty(max((ff.forest_start.size - 1) * (n_classes - 1), 1) * LANES,
+                 dtype=np.int32),  # counts
     )
 
 
 @numba.njit(cache=True, nogil=True)
-def _classify_block(ff, out_channel, state, x, offset, stride, lo, m, out):
-    """Probabilities of ``m`` pixels into ``out[lo:lo + m]``.
+def _classify_span(ff, out_channel, state, x, n_feat, width, lo, hi, out):
+    """Probabilities of pixels ``lo .. hi`` into ``out[lo:hi]`` ((N, n_outputs) float32).
 
-    Feature ``j`` of pixel ``lane`` is ``x[j * stride + offset + lane]`` for all LANES lanes
-    (``state``'s ``xt`` with offset 0 and stride LANES, see :func:`_load_block`, or a
-    (features, width) row from its pixel ``offset`` on); ``state``'s ``nan`` flags the lanes
-    that get zeros.
+    ``x`` is flat: with ``width`` 0 an (N, n_feat) matrix, one row per pixel; else one
+    (n_feat, width) row of an image, one column per pixel. Pixels go through the forests in
+    blocks of LANES, each first copied to ``state``'s ``xt`` (``xt[feature * LANES + lane]``);
+    pixels with a NaN feature get zeros, as in vigra. Everything the blocks share is taken out
+    of the named tuples once per call: numba reference-counts each array taken out.
     """
-    _, nan, bits, leaf, acc, total, res, packed = state
-    _quickscorer(x, offset, stride, bits, ff.qs_slot_start, ff.qs_column, ff.qs_threshold,
-                 ff.qs_mask)
-    _tree_leaves(ff, x, offset, stride, bits, leaf)
-    if ff.votes:
-        _vote_block(ff, leaf, packed, res)
-    else:
-        _general_block(ff, leaf, acc, total, res)
-    _store_block(res, nan, out_channel, ff.total_tree_count, ff.combine, lo, m, out)
+    xt, nan, bits, leaf, acc, total, res, counts = state
+    n_classes, votes, n_walked = ff.leaf_f32.shape[1], ff.votes, ff.walked.size
+    combine, total_count = ff.combine, ff.total_tree_count
+    tree_slot_start, forest_start = ff.tree_slot_start, ff.forest_start
+    slot_start, column, threshold = ff.qs_slot_start, ff.qs_column, ff.qs_threshold
+    mask, vote_mask = ff.qs_mask, ff.qs_vote_mask
+    for x0 in range(lo, hi, LANES):
+        m = min(LANES, hi - x0)
+        if m == LANES and width:
+            _copy_block(x, x0, width, n_feat, xt, nan)
+        else:
+            _load_block(x, x0, m, n_feat, width, xt, nan)
+        if votes:
+            _qs_votes(xt, 0, LANES, counts, tree_slot_start, forest_start, slot_start, column,
+                      threshold, mask, vote_mask, n_classes)
+            if n_walked:
+                _walked_votes(ff, xt, counts)
+            _vote_probs(counts, forest_start, res, n_classes, combine, total_count)
+        else:
+            _quickscorer(xt, 0, LANES, bits, slot_start, column, threshold, mask)
+            _tree_leaves(ff, xt, 0, LANES, bits, leaf)
+            _general_block(ff, leaf, acc, total, res)
+        _store_block(res, nan, out_channel, x0, m, out)
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -1038,13 +1264,12 @@ def _predict_kernel(x, ff, out_channel, out, n_threads):
     n_blocks = (n + LANES - 1) // LANES
     # Contiguous runs of blocks per work item, so scratch space is allocated once per run.
     n_runs = min(n_blocks, 8 * n_threads)
+    flat = x.reshape(-1)
     for r in numba.prange(n_runs):
         state = _block_state(ff, n_features)
-        for b in range(r * n_blocks // n_runs, (r + 1) * n_blocks // n_runs):
-            lo = b * LANES
-            m = min(LANES, n - lo)
-            _load_block(x, lo, m, state[0], state[1])
-            _classify_block(ff, out_channel, state, state[0], 0, LANES, lo, m, out)
+        lo = r * n_blocks // n_runs * LANES
+        hi = min(n, (r + 1) * n_blocks // n_runs * LANES)
+        _classify_span(ff, out_channel, state, flat, n_features, 0, lo, hi, out)
 
 
 def predict_proba(classifier: Classifier, features: np.ndarray,

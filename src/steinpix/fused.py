@@ -12,84 +12,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from steinpix import features
 from steinpix.features import FeatureSelection
-from steinpix.forest import LANES, Classifier, _block_state, _classify_block
+from steinpix.forest import Classifier, _block_state, _classify_span
 
 __all__ = ["classify"]
-
-_U = np.uint64
-
-
-@numba.njit(cache=True, nogil=True)
-def _load_columns(scratch, x0, m, xt, nan):
-    """Pixels ``x0 .. x0 + m`` (m < LANES, the end of a row) of a (features, x) row into the
-    block layout ``xt[feature * LANES + lane]``; ``nan[lane]`` flags pixels with a NaN feature
-    (vigra gives them zeros) and the padding lanes."""
-    n_feat = scratch.shape[0]
-    for lane in range(LANES):
-        for j in range(n_feat):
-            v = scratch[j, x0 + lane] if lane < m else np.float32(0.0)
-            xt[_U(j) * _U(LANES) + _U(lane)] = v
-        bad = lane >= m
-        for j in range(n_feat):
-            bad |= np.isnan(xt[_U(j) * _U(LANES) + _U(lane)])
-        nan[lane] = bad
-
-
-@intrinsic
-def _copy_block(typingctx, flat, x0, width, n_feat, xt):
-    """``xt[j * LANES + lane] = flat[j * width + x0 + lane]`` for j < n_feat, lane < LANES.
-
-    Vector loads and stores (numba leaves this loop scalar); the loads of all features are
-    independent, so the CPU fetches a block's features from the cache in parallel rather than
-    one at a time inside the forest's dependent loop.
-    """
-    if not all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (flat, xt)):
-        return None
-    sig = types.void(flat, types.int64, types.int64, types.int64, xt)
-
-    def codegen(context, builder, signature, args):
-        src = context.make_array(signature.args[0])(context, builder, args[0]).data
-        dst = context.make_array(signature.args[4])(context, builder, args[4]).data
-        x0, width, n = args[1], args[2], args[3]
-        i64 = ir.IntType(64)
-        vec = ir.VectorType(ir.FloatType(), 8)
-        with cgutils.for_range(builder, n) as loop:
-            j = loop.index
-            row = builder.add(builder.mul(j, width), x0)
-            out = builder.mul(j, i64(LANES))
-            for g in range(0, LANES, 8):
-                p = builder.bitcast(builder.gep(src, [builder.add(row, i64(g))]), vec.as_pointer())
-                q = builder.bitcast(builder.gep(dst, [builder.add(out, i64(g))]), vec.as_pointer())
-                builder.store(builder.load(p, align=4), q, align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@numba.njit(cache=True, nogil=True)
-def _nan_lanes(scratch, x0, nan):
-    """``nan[lane]``: whether pixel ``x0 + lane`` of a (features, x) row has a NaN feature."""
-    for lane in range(LANES):
-        bad = False
-        for j in range(scratch.shape[0]):
-            bad |= np.isnan(scratch[j, x0 + lane])
-        nan[lane] = bad
-
-
-@numba.njit(cache=True, nogil=True)
-def _any_nan(flat):
-    """Whether a float32 array (1-D) holds a NaN."""
-    bad = False
-    for i in range(flat.shape[0]):
-        bad |= flat[i] != flat[i]
-    return bad
 
 
 @numba.njit(cache=True, nogil=True)
@@ -111,23 +39,8 @@ def _classify_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfus
                                y, rings, scratch, tmp, pad, front)
         if not forest:
             continue
-        row = out[y - out_y0]
-        # The forest reads whole blocks straight from the row; only the last, partial block
-        # is copied (and padded). NaN features are rare: look for them once per row.
-        flat = scratch.reshape(-1)
-        any_nan = _any_nan(flat)
-        nan = state[1]
-        nan[:] = False
-        full = width - width % LANES
-        for x0 in range(0, full, LANES):
-            if any_nan:
-                _nan_lanes(scratch, x0, nan)
-            _copy_block(flat, x0, width, n_feat, state[0])
-            _classify_block(ff, out_channel, state, state[0], 0, LANES, x0, LANES, row)
-        if full < width:
-            _load_columns(scratch, full, width - full, state[0], nan)
-            _classify_block(ff, out_channel, state, state[0], 0, LANES, full, width - full,
-                            row)
+        _classify_span(ff, out_channel, state, scratch.reshape(-1), n_feat, width, 0, width,
+                       out[y - out_y0])
 
 
 def classify(

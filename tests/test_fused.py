@@ -1,0 +1,60 @@
+"""The engine's fused kernel (features and forest per image row) against the two-step path.
+
+``fused.classify`` must equal ``predict_proba(compute_features(img))`` bit for bit, including
+blocks cut short at the end of a row and pixels whose features hold NaN (which get zeros).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_forest import random_tree, write_project
+
+from steinpix import engine, fused
+from steinpix.features import compute_features
+from steinpix.forest import load_classifier, predict_proba
+
+from conftest import EXAMPLE, TEST_DATA
+
+PROJECT = EXAMPLE / "pretrained.ilp"
+IMAGE = TEST_DATA / "reference" / "ilastik_img" / "20210305_NE_mockData1_003.h5"  # 86 x 100
+
+
+@pytest.fixture(scope="module")
+def image_and_features():
+    classifier, selection = engine.load_project(PROJECT)
+    img = engine.read_image(IMAGE).astype(np.float32)
+    img[2, 30, 98] = np.nan  # in the last, partial block of its rows
+    img[0, 70, 5] = np.nan
+    features = compute_features(img, selection)
+    return classifier, selection, img, features
+
+
+def two_step(classifier, features):
+    flat = features.reshape(-1, features.shape[-1])
+    return predict_proba(classifier, flat).reshape(*features.shape[:2], -1)
+
+
+def test_fused_equals_features_then_forest_on_the_real_project(image_and_features):
+    classifier, selection, img, features = image_and_features
+    assert img.shape[2] % 16 != 0
+    got = fused.classify(img, selection, classifier)
+    np.testing.assert_array_equal(got, two_step(classifier, features))
+    zero = np.all(got == 0, axis=-1)
+    assert zero[30, 98] and zero[70, 5] and not zero[0, 0]
+    assert np.array_equal(zero, np.isnan(features).any(axis=-1))
+
+
+@pytest.mark.parametrize("pure", [True, False])
+def test_fused_equals_features_then_forest_with_walked_trees(tmp_path, image_and_features, pure):
+    classifier, selection, img, features = image_and_features
+    rng = np.random.default_rng(30 + pure)
+    n_features = features.shape[-1]
+    values = features.reshape(-1, n_features)[::97]
+    values = values[~np.isnan(values).any(axis=1)]
+    sizes = [[1, 20, 33, 70, 9], [200, 31, 64]]
+    forests = [[random_tree(rng, n_features, 3, n, pure, values) for n in s] for s in sizes]
+    synthetic = load_classifier(write_project(tmp_path / "p.ilp", forests, n_features, 3))
+    assert synthetic.flat.votes == pure and synthetic.flat.walked.size == 2
+    got = fused.classify(img, selection, synthetic)
+    np.testing.assert_array_equal(got, two_step(synthetic, features))
