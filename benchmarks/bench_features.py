@@ -114,6 +114,7 @@ def engine_times(img: np.ndarray, selection: FeatureSelection, classifier, profi
     halo = selection.halo()
     out = np.zeros((rows, width, classifier.n_outputs), dtype=np.float32)
     times = []
+    work = feat.Workspace()  # reused by every strip, as iter_strips does
     for _ in range(repeat + 1):  # the first run loads the kernels
         t0 = time.perf_counter()
         for y0 in range(0, height, rows):
@@ -121,7 +122,8 @@ def engine_times(img: np.ndarray, selection: FeatureSelection, classifier, profi
             a, b = max(0, y0 - halo), min(height, y1 + halo)
             strip, plan, (r0, r1) = feat.prepare(img[:, a:b], selection, profile, (y0 - a, y1 - a))
             with feat.Runner(numba.get_num_threads()) as run:
-                planes = feat.presmooth(strip, selection, plan, (r0, r1), profile == "14x", run)
+                planes = feat.presmooth(strip, selection, plan, (r0, r1), profile == "14x", run,
+                                         work)
                 args = (planes, *feat.stage2_args(plan), profile == "14x")
                 extra = (plan.n_features, classifier.flat, classifier.output_channels, out, r0,
                          forest)

@@ -16,11 +16,15 @@ from steinpix.features import (
     FEATURE_IDS,
     PROFILES,
     FeatureSelection,
+    _seq_padded,
+    _ypass_row,
+    _ypass_rows,
     compute_features,
     feature_names,
     gaussian_kernel,
     kernel_radius,
 )
+from steinpix.features import _fma as _fma_f32
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_IMG = REPO / "tests" / "data" / "reference" / "ilastik_img"
@@ -579,3 +583,92 @@ def test_shared_project_feature_names(imc_mock):
     for path in sorted((imc_mock / "reference" / "ilastik_img").glob("*.h5")):
         with h5py.File(path, "r") as f:
             assert feature_names(sel, f["img"].shape[0]) == stored
+
+
+# --------------------------------------------------------------------------------------------
+# Register-blocked filter loops against the plain loops they replace
+# --------------------------------------------------------------------------------------------
+
+
+def _awkward_values(shape, seed):
+    """Random float32 with NaN, infinities, denormals, zeros and huge values sprinkled in."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0.0, 100.0, shape).astype(np.float32)
+    flat = a.reshape(-1)
+    special = np.array([np.nan, np.inf, -np.inf, 1e-40, -3e-42, 0.0, -0.0, 3e38, -3e38],
+                       dtype=np.float32)
+    where = rng.choice(flat.size, size=max(1, flat.size // 50), replace=False)
+    flat[where] = rng.choice(special, size=where.size)
+    return a
+
+
+@numba.njit(cache=True)
+def _plain_taps(p, k, coefs, odd, n):
+    """dst[x] = sequential FMA over taps, pixel by pixel (what _seq_padded must equal)."""
+    dst = np.empty(n, dtype=np.float32)
+    for x in range(n):
+        acc = coefs[0] * p[x + k]
+        for t in range(1, k + 1):
+            a, b = p[x + k + t], p[x + k - t]
+            acc = _fma_f32(a - b if odd else a + b, coefs[t], acc)
+        dst[x] = acc
+    return dst
+
+
+def _same(a, b):
+    """Bit-identical floats, except that NaN payloads are not compared."""
+    nan = np.isnan(a)
+    return np.array_equal(nan, np.isnan(b)) and np.array_equal(
+        a.view(np.uint32)[~nan], b.view(np.uint32)[~nan]
+    )
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_blocked_x_taps_equal_the_plain_loop(odd):
+    """_seq_padded for radii 0-40 and widths around the vector block sizes."""
+    rng = np.random.default_rng(11)
+    for k in range(41):
+        coefs = rng.normal(0.0, 1.0, k + 1).astype(np.float32)
+        for n in (1, 7, 8, 9, 63, 64, 65, 127, 200, 333):
+            p = _awkward_values(n + 2 * k, seed=k * 1000 + n)
+            dst = np.full(n, 7.0, dtype=np.float32)
+            _seq_padded(p, k, coefs, odd, dst)
+            assert _same(dst, _plain_taps(p, k, coefs, odd, n)), (k, n)
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_blocked_y_pass_equals_row_by_row(odd):
+    """_ypass_rows (column blocks, taps innermost) against _ypass_row one row at a time."""
+    rng = np.random.default_rng(12)
+    for k in (0, 1, 2, 3, 4, 5, 9, 12, 17, 23, 35, 40):
+        coefs = rng.normal(0.0, 1.0, k + 1).astype(np.float32)
+        for height, width in ((k + 1, 9), (k + 7, 200), (2 * k + 30, 131), (90, 64)):
+            if height <= k:
+                continue
+            plane = _awkward_values((height, width), seed=k + height + width)
+            y0, y1 = height // 5, height - height // 7
+            ours = np.full((height, width), 7.0, dtype=np.float32)
+            _ypass_rows(plane, coefs, k, odd, y0, y1, ours)
+            ref = ours.copy()
+            for y in range(y0, y1):
+                _ypass_row(plane, height, y, height, coefs, k, odd, ref[y])
+            assert _same(ours, ref), (k, height, width)
+            assert (ours[:y0] == 7.0).all() and (ours[y1:] == 7.0).all()
+
+
+def test_one_plane_shared_by_threads_equals_one_thread():
+    """Presmoothing with fewer planes than twice the threads splits each plane's rows."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two numba threads")
+    img = random_image((1, 90, 70), seed=7)
+    sel = selection(scales=(3.5,))
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = compute_features(img, sel)
+        numba.set_num_threads(2)
+        two = compute_features(img, sel)
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(one, two)
+    assert np.array_equal(one, spec_features(img, sel))

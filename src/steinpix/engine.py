@@ -293,10 +293,10 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
     n_features = selection.n_features(n_channels)
     n_scales = len(selection.selected_scales())
     # per output row pixel: the float32 probabilities and their uint16 export; per pixel of the
-    # strip with its halo: the float32 input, the presmoothed planes and one temporary plane.
-    # The features of one row per thread are computed and classified in the cache.
+    # strip with its halo: the float32 input, the presmoothed planes and one temporary plane
+    # per thread. The features of one row per thread are computed and classified in the cache.
     per_row_pixel = 6 * n_outputs
-    per_halo_pixel = 4 * (n_channels * (n_scales + 1) + 1)
+    per_halo_pixel = 4 * (n_channels * (n_scales + 1) + numba.config.NUMBA_NUM_THREADS)
     # per thread: one row of features and the ring buffers of x-filtered rows of every
     # (channel, scale)
     ring_rows = features.ring_rows(selection, n_channels)
@@ -360,6 +360,7 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
     halo, n_out = selection.halo(), classifier.n_outputs
     # Buffer for the largest strip, reused (as a view of its first elements) by every strip.
     prob_buf = np.empty(rows * width * n_out, dtype=np.float32)
+    work = features.Workspace()  # the presmoothed planes, reused by every strip
     starts = list(range(0, height, rows))
 
     def read(y0: int) -> np.ndarray:
@@ -376,7 +377,7 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
             a = max(0, y0 - halo)
             out = prob_buf[:(y1 - y0) * width * n_out].reshape(y1 - y0, width, n_out)
             probs = classify(strip, selection, classifier, profile, rows=(y0 - a, y1 - a),
-                             out=out)
+                             out=out, work=work)
             del strip
             # Here the strip's float32 probabilities exist: extra exports are computed from them.
             if on_strip is not None:

@@ -26,6 +26,7 @@ The results do not depend on the thread count or on how the rows are chunked.
 from __future__ import annotations
 
 import math
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ __all__ = [
     "FEATURE_IDS",
     "PROFILES",
     "FeatureSelection",
+    "Workspace",
     "compute_features",
     "feature_names",
     "gaussian_kernel",
@@ -583,6 +585,115 @@ def _fma(typingctx, p, c, acc):
     return sig, codegen
 
 
+# Width of the register-blocked tap loops: _VECS accumulators of 8 float32 lanes. Zen 3 (and
+# most FMA CPUs) can start two FMAs per cycle with a latency of 4, so 8 independent chains
+# keep both pipes busy; the loads of the two taps per FMA are the real bound.
+_VECS = 8
+_BLOCK = 8 * _VECS
+
+
+def _make_taps(n_vec):
+    """An intrinsic computing 8 * n_vec pixels of a sequential-FMA filter, taps innermost."""
+
+    @intrinsic
+    def taps(typingctx, src, offs, x, k, coefs, odd, dst, dst_pos):
+        """``dst[dst_pos + i]`` for i < 8 * n_vec: ``acc = c0 * src[offs[0] + x + i]``, then
+        ``acc = fma(src[offs[2t - 1] + x + i] +/- src[offs[2t] + x + i], c_t, acc)`` for
+        t = 1..k (minus for ``odd``). Every pixel keeps its own accumulator and the order of
+        its FMAs, so the result equals the scalar loop bit for bit; only the loop nest
+        differs (taps inside, n_vec independent vector accumulators in registers), which
+        needs two loads per FMA instead of three loads and a store.
+        """
+        arrays = (src, offs, coefs, dst)
+        if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                   for a in arrays):
+            return None
+        if not (src.dtype == coefs.dtype == dst.dtype == types.float32
+                and offs.dtype == types.int64):
+            return None
+        sig = types.void(src, offs, types.intp, types.intp, coefs, types.boolean, dst,
+                         types.intp)
+
+        def codegen(context, builder, signature, args):
+            data = [
+                context.make_array(signature.args[i])(context, builder, args[i]).data
+                for i in (0, 1, 4, 6)
+            ]
+            src_p, offs_p, coef_p, dst_p = data
+            x, k, odd, dst_pos = args[2], args[3], args[5], args[7]
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            vec = ir.VectorType(ir.FloatType(), 8)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v8f32"
+            )
+            zeros = ir.Constant(ir.VectorType(i32, 8), [0] * 8)
+
+            def splat(value):
+                one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, i32(0))
+                return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), zeros)
+
+            def load(base, b):
+                ptr = builder.gep(src_p, [builder.add(base, i64(8 * b))])
+                return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+
+            def offset(j):
+                return builder.add(builder.load(builder.gep(offs_p, [j])), x)
+
+            c0 = splat(builder.load(coef_p))
+            mid = offset(i64(0))
+            accs = [cgutils.alloca_once(builder, vec) for _ in range(n_vec)]
+            for b, acc in enumerate(accs):
+                builder.store(builder.fmul(c0, load(mid, b)), acc)
+
+            def tap_loop(combine):
+                with cgutils.for_range(builder, k) as loop:
+                    t = builder.add(loop.index, i64(1))
+                    ct = splat(builder.load(builder.gep(coef_p, [t])))
+                    hi = offset(builder.sub(builder.add(t, t), i64(1)))
+                    lo = offset(builder.add(t, t))
+                    for b, acc in enumerate(accs):
+                        pair = combine(load(hi, b), load(lo, b))
+                        builder.store(builder.call(fma, [pair, ct, builder.load(acc)]), acc)
+
+            with builder.if_else(odd) as (then, otherwise):
+                with then:
+                    tap_loop(builder.fsub)
+                with otherwise:
+                    tap_loop(builder.fadd)
+            for b, acc in enumerate(accs):
+                ptr = builder.gep(dst_p, [builder.add(dst_pos, i64(8 * b))])
+                builder.store(builder.load(acc), builder.bitcast(ptr, vec.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return taps
+
+
+_taps_block = _make_taps(_VECS)
+_taps_vec = _make_taps(1)
+
+
+@_jit
+def _taps_row(src, offs, k, coefs, odd, dst, dst_pos, x0, x1):
+    """``_taps_block`` for pixels x0..x1 (to ``dst[dst_pos + x - x0]``): blocks of _BLOCK
+    pixels, then of 8, then scalar code with the same operations."""
+    x = x0
+    while x + _BLOCK <= x1:
+        _taps_block(src, offs, x, k, coefs, odd, dst, dst_pos + x - x0)
+        x += _BLOCK
+    while x + 8 <= x1:
+        _taps_vec(src, offs, x, k, coefs, odd, dst, dst_pos + x - x0)
+        x += 8
+    c0 = coefs[0]
+    for i in range(x, x1):
+        acc = c0 * src[offs[0] + i]
+        for t in range(1, k + 1):
+            a, b = src[offs[2 * t - 1] + i], src[offs[2 * t] + i]
+            acc = _fma(a - b if odd else a + b, coefs[t], acc)
+        dst[dst_pos + i - x0] = acc
+
+
 @_jit
 def _mirror(j, n):
     """Mirror index without repeating the edge (scipy's mode="mirror"); needs |overshoot| < n."""
@@ -731,8 +842,8 @@ def _scalar_14x(p, radius, coefs, odd, lo, hi, dst):
 def _seq_padded(p, radius, coefs, odd, dst):
     """Sequential FMA, F(K, ... F(1, m_0)), for every pixel of a mirror-padded row.
 
-    Radii 1 and 2 (all feature filters at the default scales) keep the accumulator in
-    registers; larger radii loop over t outside the x loop. Either way the x loop vectorises.
+    Radii 1 and 2 (all feature filters) are loops over x that LLVM vectorises; larger radii
+    (the presmoothing) run the register-blocked :func:`_taps_row`.
     """
     n = dst.shape[0]
     k = radius
@@ -757,18 +868,12 @@ def _seq_padded(p, radius, coefs, odd, dst):
                 acc = _fma(p[x + 3] + p[x + 1], c1, c0 * p[x + 2])
                 dst[x] = _fma(p[x + 4] + p[x], c2, acc)
         return
-    for x in range(n):
-        dst[x] = c0 * p[x + k]
+    offs = np.empty(2 * k + 1, dtype=np.int64)
+    offs[0] = k
     for t in range(1, k + 1):
-        ct = coefs[t]
-        hi = p[k + t : n + k + t]
-        lo = p[k - t : n + k - t]
-        if odd:
-            for x in range(n):
-                dst[x] = _fma(hi[x] - lo[x], ct, dst[x])
-        else:
-            for x in range(n):
-                dst[x] = _fma(hi[x] + lo[x], ct, dst[x])
+        offs[2 * t - 1] = k + t
+        offs[2 * t] = k - t
+    _taps_row(p, offs, k, coefs, odd, dst, 0, 0, n)
 
 
 @_jit
@@ -899,10 +1004,42 @@ def _xpass_rows(plane, coefs, radius, odd, unfused, y0, y1, out):
 
 @_jit
 def _ypass_rows(plane, coefs, radius, odd, y0, y1, out):
-    """y-pass of output rows y0..y1 of a whole (H, W) plane into ``out``."""
-    height = plane.shape[0]
+    """y-pass of output rows y0..y1 of a whole (H, W) plane into ``out`` (C-contiguous)."""
+    height, w = plane.shape
+    k = radius
+    if k <= 2:
+        for y in range(y0, y1):
+            _ypass_row(plane, height, y, height, coefs, radius, odd, out[y])
+        return
+    # offs[y - y0]: where each tap's source row starts (mirrored at the borders)
+    offs = np.empty((y1 - y0, 2 * k + 1), dtype=np.int64)
     for y in range(y0, y1):
-        _ypass_row(plane, height, y, height, coefs, radius, odd, out[y])
+        o = offs[y - y0]
+        o[0] = y * w
+        for t in range(1, k + 1):
+            o[2 * t - 1] = _mirror(y + t, height) * w
+            o[2 * t] = _mirror(y - t, height) * w
+    src, dst = plane.reshape(-1), out.reshape(-1)
+    # Large kernels: one column block after the other, down all rows, so that the block's
+    # 2K + 1 source rows stay in the L1 cache from one output row to the next (which then
+    # loads one new row). Small kernels stream whole rows.
+    width = _BLOCK if k > 16 else 2 * _BLOCK if k > 8 else w
+    for x0 in range(0, w, width):
+        x1 = min(w, x0 + width)
+        for y in range(y0, y1):
+            _taps_row(src, offs[y - y0], k, coefs, odd, dst, y * w + x0, x0, x1)
+
+
+@_jit
+def _presmooth_plane(img, coefs, radius, unfused, p0, p1, tmp, out):
+    """Stage 1 of one (channel, scale): rows p0..p1 of ``out`` from a whole (H, W) channel.
+
+    ``tmp`` (H, W) receives the x-filtered rows p0 - radius .. p1 + radius.
+    """
+    height = img.shape[0]
+    y0, y1 = max(0, p0 - radius), min(height, p1 + radius)
+    _xpass_rows(img, coefs, radius, False, unfused, y0, y1, tmp)
+    _ypass_rows(tmp, coefs, radius, False, p0, p1, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1233,8 +1370,8 @@ def compute_features(
     Uses ``numba.get_num_threads()`` threads. A strip ``img[:, y0 - h : y1 + h]`` (clipped at
     the image border) with ``h = selection.halo()`` gives rows ``y0 .. y1`` bit-identical to a
     whole-image call: the x-passes see whole rows, and every y-pass is the same sequential FMA.
-    Besides ``out``, the call allocates ``C * S + 1`` planes of Y x X float32 (S = number of
-    selected scales) and a few rows per thread.
+    Besides ``out``, the call allocates ``C * S`` planes of Y x X float32 (S = number of
+    selected scales), one more per thread and a few rows per thread.
     """
     img, plan, (r0, r1) = prepare(img, selection, profile, rows)
     shape = (r1 - r0, img.shape[2], plan.n_features)
@@ -1285,7 +1422,7 @@ def stage2_args(plan: _Plan) -> tuple:
 
 
 def presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan, rows: tuple[int, int],
-              unfused: bool, run: Runner) -> np.ndarray:
+              unfused: bool, run: Runner, work: Workspace | None = None) -> np.ndarray:
     """Stage 1: the presmoothed planes that the feature filters of output ``rows`` read.
 
     Parameters
@@ -1298,6 +1435,8 @@ def presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan, rows: t
     unfused : bool
         Profile 14x.
     run : Runner
+    work : Workspace, optional
+        Buffers to reuse (the planes returned are one of them); default: fresh ones.
 
     Returns
     -------
@@ -1310,16 +1449,63 @@ def presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan, rows: t
     # presmoothed rows that the feature filters of rows r0..r1 read (mirrored reads included)
     margin = _feature_margin(selection)
     p0, p1 = max(0, r0 - margin), min(height, r1 + margin)
-    planes = np.empty((n_channels, len(plan.pre_radius), height, width), dtype=np.float32)
-    tmp = np.empty((height, width), dtype=np.float32)
-    for c in range(n_channels):
-        for s in range(len(plan.pre_radius)):
-            coefs, k = plan.pre_coefs[s], int(plan.pre_radius[s])
-            x_rows = run.chunks(max(0, p0 - k), min(height, p1 + k))
-            run(_xpass_rows, [(img[c], coefs, k, False, unfused, a, b, tmp) for a, b in x_rows])
-            y_rows = run.chunks(p0, p1)
-            run(_ypass_rows, [(tmp, coefs, k, False, a, b, planes[c, s]) for a, b in y_rows])
+    work = Workspace() if work is None else work
+    n_scales = len(plan.pre_radius)
+    planes = work.array("planes", (n_channels, n_scales, height, width))
+    # largest kernels first, so that the threads finish together
+    jobs = sorted(((c, s) for c in range(n_channels) for s in range(n_scales)),
+                  key=lambda job: -plan.pre_radius[job[1]])
+    if run.n_threads == 1 or len(jobs) >= 2 * run.n_threads:
+        # one (channel, scale) per job, each with a temporary plane of its own: no barriers
+        temps = work.array("temps", (run.n_threads, height, width))
+        free = queue.SimpleQueue()
+        for tmp in temps:
+            free.put(tmp)
+
+        def one_plane(c: int, s: int) -> None:
+            tmp = free.get()
+            try:
+                _presmooth_plane(img[c], plan.pre_coefs[s], int(plan.pre_radius[s]), unfused,
+                                 p0, p1, tmp, planes[c, s])
+            finally:
+                free.put(tmp)
+
+        run(one_plane, jobs)
+        return planes
+    # few planes: every plane's rows are shared by the threads
+    tmp = work.array("temps", (1, height, width))[0]
+    for c, s in jobs:
+        coefs, k = plan.pre_coefs[s], int(plan.pre_radius[s])
+        x_rows = run.chunks(max(0, p0 - k), min(height, p1 + k))
+        run(_xpass_rows, [(img[c], coefs, k, False, unfused, a, b, tmp) for a, b in x_rows])
+        y_rows = run.chunks(p0, p1)
+        run(_ypass_rows, [(tmp, coefs, k, False, a, b, planes[c, s]) for a, b in y_rows])
     return planes
+
+
+class Workspace:
+    """Float32 buffers kept from one call to the next (e.g. one strip after the other).
+
+    A fresh buffer of ~100 MB costs page faults and the kernel's zeroing of every page it
+    touches; a reused one does not. Buffers grow (with 25% slack, which costs address space
+    only) and are never shared between concurrent calls: use one workspace per thread.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialised C-contiguous float32 array of ``shape``, the buffer ``name``."""
+        size = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            self._buffers.pop(name, None)
+            raw = np.empty(size + size // 4 + 16, dtype=np.float32)
+            # aligned to 64 bytes: rows of a multiple of 16 pixels then start on cache lines,
+            # and the y-passes' vector loads do not straddle two lines
+            start = -raw.ctypes.data % 64 // 4
+            buf = self._buffers[name] = raw[start : start + size + size // 4]
+        return buf[:size].reshape(shape)
 
 
 def _feature_margin(selection: FeatureSelection) -> int:

@@ -50,6 +50,7 @@ def classify(
     profile: str = "133",
     rows: tuple[int, int] | None = None,
     out: np.ndarray | None = None,
+    work: features.Workspace | None = None,
 ) -> np.ndarray:
     """Class probabilities of the pixels of an image (or of some of its rows).
 
@@ -71,6 +72,8 @@ def classify(
         see the whole of ``img``, as in :func:`steinpix.features.compute_features`.
     out : (R, X, n_outputs) C-contiguous ndarray of float32, optional
         Buffer for the result.
+    work : steinpix.features.Workspace, optional
+        Buffers to reuse from the previous call (e.g. the previous strip of the image).
 
     Returns
     -------
@@ -93,7 +96,7 @@ def classify(
         raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
     unfused = profile == "14x"
     with features.Runner(max(1, min(numba.get_num_threads(), r1 - r0))) as run:
-        planes = features.presmooth(img, selection, plan, (r0, r1), unfused, run)
+        planes = features.presmooth(img, selection, plan, (r0, r1), unfused, run, work)
         args = (planes, *features.stage2_args(plan), unfused)
         forest_args = (plan.n_features, classifier.flat, classifier.output_channels, out, r0, True)
         run(_classify_rows, [(*args, a, b, *forest_args) for a, b in run.chunks(r0, r1)])
