@@ -1,0 +1,122 @@
+"""Per-image overhead of the built-in engine: what ``predict_file`` costs beyond the compute.
+
+Example::
+
+    python benchmarks/make_mosaics.py
+    python benchmarks/bench_overhead.py --repeat 5
+
+For every image (default: the mosaics in ``benchmarks/work/img``), in one warm process, two
+things are timed in turns:
+
+- *compute*: the features and forests alone (:func:`steinpix.fused.classify`) of the whole
+  image in one call, from memory;
+- *strips*: the same, strip by strip as :func:`steinpix.engine.iter_strips` cuts the image (halo
+  rows included), from memory;
+- *file*: :func:`steinpix.engine.predict_file`, i.e. the same compute plus what the engine adds
+  to it: strips with their halo rows, reading the HDF5 strips, the uint16 export, LZW encoding,
+  the TIFF write and the threads handing them over.
+
+The overhead is ``file - compute``, as a share of ``compute`` (issue 10 asks for at most 10 %),
+in wall time and in the process's CPU time (user + sys of all its threads: steadier than wall
+time when other jobs share the machine). Minimum and median over ``--repeat`` turns; the
+compute and the file runs alternate, so a change in the machine's load hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from steinpix import engine
+from steinpix.fused import classify
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "benchmarks" / "work"
+DEFAULT_ILP = REPO / "examples" / "imc-mock" / "pretrained.ilp"
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(function, *args) -> tuple[float, float]:
+    """Wall and CPU seconds of ``function(*args)``."""
+    wall, cpu = time.perf_counter(), _cpu()
+    function(*args)
+    return time.perf_counter() - wall, _cpu() - cpu
+
+
+def compute_only(img: np.ndarray, classifier, selection, profile: str,
+                 out: np.ndarray) -> None:
+    """The engine's features and forests of the whole of ``img``, from memory."""
+    classify(img, selection, classifier, profile, out=out)
+
+
+def strips_only(img: np.ndarray, classifier, selection, profile: str,
+                out: np.ndarray) -> None:
+    """The same, strip by strip with halos, as :func:`steinpix.engine.iter_strips` does."""
+    _, height, _ = img.shape
+    rows = engine._strip_height(img.shape, classifier, selection, None)
+    halo = selection.halo()
+    for y0 in range(0, height, rows):
+        a, y1 = max(0, y0 - halo), min(height, y0 + rows)
+        strip = np.ascontiguousarray(img[:, a:min(height, y1 + halo)])
+        classify(strip, selection, classifier, profile, rows=(y0 - a, y1 - a), out=out[y0:y1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="*", type=Path,
+                        help="steinbock HDF5 images (default: benchmarks/work/img/*.h5)")
+    parser.add_argument("--ilp", type=Path, default=DEFAULT_ILP)
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    parser.add_argument("--profile", default="133", choices=["133", "14x"])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    images = args.images or sorted((WORK / "img").glob("*.h5"))
+    if not images:
+        raise SystemExit("no images: run benchmarks/make_mosaics.py first")
+    threads = engine.set_threads(args.threads)
+    classifier, selection = engine.load_project(args.ilp)
+    print(f"{len(images)} images, project {args.ilp.name}, profile {args.profile}, "
+          f"{threads} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "probabilities.tiff"
+        for path in images:
+            img = np.ascontiguousarray(engine.read_image(path), dtype=np.float32)
+            probs = np.empty((*img.shape[1:], classifier.n_outputs), dtype=np.float32)
+            compute_only(img, classifier, selection, args.profile, probs)  # warm-up
+            computes, strips, files = [], [], []
+            for _ in range(args.repeat):
+                computes.append(timed(compute_only, img, classifier, selection, args.profile,
+                                      probs))
+                strips.append(timed(strips_only, img, classifier, selection, args.profile,
+                                    probs))
+                files.append(timed(engine.predict_file, path, out, classifier, selection,
+                                   args.profile))
+            print(f"{path.name} {img.shape[1]} x {img.shape[2]}:")
+            for i, what in enumerate(("wall", "CPU")):
+                c = [t[i] for t in computes]
+                f = [t[i] for t in files]
+                c_min, f_min = min(c), min(f)
+                c_med, f_med = statistics.median(c), statistics.median(f)
+                s_min = min(t[i] for t in strips)
+                s_med = statistics.median(t[i] for t in strips)
+                print(f"  {what}: compute min {c_min:.3f} s (median {c_med:.3f}), strips min "
+                      f"{s_min:.3f} s (median {s_med:.3f}), file min {f_min:.3f} s (median "
+                      f"{f_med:.3f}); overhead {f_min - c_min:+.3f} s = "
+                      f"{(f_min - c_min) / c_min:+.1%} of the compute (medians "
+                      f"{(f_med - c_med) / c_med:+.1%})", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
