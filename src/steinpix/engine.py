@@ -449,11 +449,13 @@ def _row_chunks(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[n
 def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[bytes]:
     """LZW-encoded TIFF strips of ``rows_per_strip`` rows from arrays of any row count.
 
-    Encoding runs in a background thread (the numba encoder releases the GIL), so a strip's
-    compression overlaps with the computation of the next one; order is kept.
+    Encoding runs in background threads (the numba encoder releases the GIL), so a strip's
+    compression overlaps with the computation of the next one; order is kept. As many threads
+    as the engine computes with: while it computes they share the cores with it, and after the
+    last strip (nothing left to compute) they encode its rows in parallel.
     """
     queue: collections.deque[Future] = collections.deque()
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(max(1, numba.get_num_threads())) as pool:
         for rows in _row_chunks(strips, rows_per_strip):
             queue.append(pool.submit(lzw_encode, rows))
             while queue and queue[0].done():
