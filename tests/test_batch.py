@@ -57,6 +57,42 @@ def test_failed_image_is_a_result_not_an_exception(job):
     assert "1 of 3 images failed" in str(batch.failure_error(failed, 3))
 
 
+def test_an_image_written_while_the_next_computes_keeps_its_result_and_order(job):
+    # run_local writes an image's last rows while it computes the next one: a failure to
+    # put the first image's file in place (its output path is a folder) is that image's
+    # error, reported before the next image's result, and leaves no temporary file
+    first, second, third = images(job)
+    batch.prepare_outputs(job)
+    blocker = job.out_dir / first.with_suffix(".tiff").name
+    blocker.mkdir()
+    third.write_bytes(b"not HDF5")
+    events = []
+    failed = batch.run_batch(job, [first, second, third],
+                             on_result=lambda i, n, r: events.append(r))
+    assert [r.img_file for r in events] == [first, second, third]
+    assert [r.ok for r in events] == [False, True, False]
+    assert str(first) in events[0].error and "\n" not in events[0].error
+    assert [r.img_file for r in failed] == [first, third]
+    assert sorted(p.name for p in job.out_dir.iterdir()) == sorted(
+        [blocker.name, second.with_suffix(".tiff").name])
+    assert list(blocker.iterdir()) == []
+    np.testing.assert_array_equal(
+        tifffile.imread(job.out_dir / second.with_suffix(".tiff").name),
+        tifffile.imread(REF / "ilastik_probabilities" / second.with_suffix(".tiff").name),
+    )
+
+
+def test_stopping_a_batch_removes_the_file_still_being_written(job):
+    # the consumer stops after the first result: the second image is computed then, its file
+    # still being written, and must not appear
+    batch.prepare_outputs(job)
+    results = batch.run_local(job, batch.make_tasks(job, images(job)))
+    (first,) = next(results)
+    assert first.ok and first.outputs[0].exists()
+    results.close()
+    assert sorted(p.name for p in job.out_dir.iterdir()) == [first.outputs[0].name]
+
+
 @dataclass(frozen=True)
 class TwoOutputs(batch.Job):
     """A batch that writes a second file per image (as --uncertainty will)."""

@@ -315,7 +315,26 @@ def make_tasks(job: Job, img_files: Sequence[Path]) -> list[Task]:
 _compile_notice = threading.Event()
 
 
-def _classify_builtin(job: Job, img_file: Path) -> ImageResult:
+class _Started:
+    """An image whose probabilities are computed and whose files are still being written."""
+
+    def __init__(self, img_file: Path, outputs: tuple[Path, ...], pending, start: float):
+        self.img_file, self.outputs, self.pending, self.start = img_file, outputs, pending, start
+
+    def finish(self) -> ImageResult:
+        """Put the files in place; a failure to write them is the image's error."""
+        try:
+            with reading(self.img_file):
+                self.pending.finish()
+        except SteinpixError as e:
+            return ImageResult(self.img_file, self.outputs, str(e))
+        except OSError as e:  # e.g. a full disk
+            return ImageResult(self.img_file, self.outputs, f"{self.img_file}: {e.strerror or e}")
+        return ImageResult(self.img_file, self.outputs, None, time.perf_counter() - self.start)
+
+
+def _start_builtin(job: Job, img_file: Path) -> _Started | ImageResult:
+    """Compute one image with the built-in engine; its files are finished by the caller."""
     from steinpix import engine
 
     outputs = job.outputs(img_file)
@@ -323,7 +342,7 @@ def _classify_builtin(job: Job, img_file: Path) -> ImageResult:
     try:
         classifier, selection = load_model(job.ilp)
         with reading(img_file):  # a bug (not the image's fault) ends the batch
-            engine.predict_file(
+            pending = engine.start_file(
                 img_file,
                 outputs[0],
                 classifier,
@@ -336,7 +355,21 @@ def _classify_builtin(job: Job, img_file: Path) -> ImageResult:
         return ImageResult(img_file, outputs, str(e))
     except OSError as e:  # e.g. a damaged chunk deep inside an HDF5 file
         return ImageResult(img_file, outputs, f"{img_file}: {e.strerror or e}")
-    return ImageResult(img_file, outputs, None, time.perf_counter() - start)
+    return _Started(img_file, outputs, pending, start)
+
+
+def _classify_builtin(job: Job, img_file: Path) -> ImageResult:
+    started = _start_builtin(job, img_file)
+    return started if isinstance(started, ImageResult) else started.finish()
+
+
+def _prepare_builtin(job: Job) -> None:
+    from steinpix import engine
+
+    engine.set_threads(job.threads)
+    if not engine.kernels_cached() and not _compile_notice.is_set():
+        _compile_notice.set()
+        logger.info("Compiling the built-in engine (once after installation: about half a minute)")
 
 
 def _chunk_runner(job: Job, files: Sequence[Path]):
@@ -370,14 +403,7 @@ def classify_task(job: Job, task: Task) -> list[ImageResult]:
         One per image of the task, in its order.
     """
     if job.engine == "builtin":
-        from steinpix import engine
-
-        engine.set_threads(job.threads)
-        if not engine.kernels_cached() and not _compile_notice.is_set():
-            _compile_notice.set()
-            logger.info(
-                "Compiling the built-in engine (once after installation: about half a minute)"
-            )
+        _prepare_builtin(job)
         return [_classify_builtin(job, f) for f in task.files]
     from steinpix import runners
 
@@ -424,9 +450,35 @@ def check_job(job: Job, img_files: Sequence[Path]) -> None:
 
 
 def run_local(job: Job, tasks: Sequence[Task]) -> Iterator[list[ImageResult]]:
-    """The local :data:`Executor`: one task after the other in this process."""
-    for task in tasks:
-        yield classify_task(job, task)
+    """The local :data:`Executor`: one task after the other in this process.
+
+    With the built-in engine, an image's last rows are LZW-encoded and written while the next
+    image is computed; its result comes when its files are in place, and results keep the
+    order of the tasks. When the batch stops early (Ctrl-C, an error), the files of the image
+    still being written are removed, like those of an image being computed.
+    """
+    if job.engine != "builtin":
+        for task in tasks:
+            yield classify_task(job, task)
+        return
+    _prepare_builtin(job)
+    writing: _Started | None = None
+    try:
+        for task in tasks:
+            for img_file in task.files:
+                started = _start_builtin(job, img_file)
+                previous = writing
+                writing = started if isinstance(started, _Started) else None
+                if previous is not None:
+                    yield [previous.finish()]
+                if isinstance(started, ImageResult):
+                    yield [started]
+        if writing is not None:
+            previous, writing = writing, None
+            yield [previous.finish()]
+    finally:
+        if writing is not None:
+            writing.pending.abort()
 
 
 def run_batch(

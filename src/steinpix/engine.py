@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import itertools
 import os
 import queue
 import threading
@@ -46,10 +45,12 @@ __all__ = [
     "load_project",
     "load_selection",
     "output_path",
+    "PendingFile",
     "predict_file",
     "predict_image",
     "read_image",
     "set_threads",
+    "start_file",
     "strip_rows",
     "write_probabilities",
 ]
@@ -498,11 +499,11 @@ def write_probabilities(path: str | os.PathLike, probs: np.ndarray) -> None:
 
 
 class _TiffSink:
-    """One more output TIFF, fed strip by strip by the caller and written by its own thread.
+    """One output TIFF, fed strip by strip by the caller and written by its own thread.
 
-    The probabilities' writer pulls strips from :func:`iter_strips`; the other exports of the
-    same strips are pushed here, so one pass over the image writes all of them. The file is
-    written under a temporary name and renamed by :meth:`commit`.
+    :func:`start_file` pushes each strip's probabilities and other exports into one sink each,
+    so one pass over the image writes all of them. The file is written under a temporary name
+    and renamed by :meth:`commit`.
     """
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, int, int],
@@ -566,6 +567,88 @@ class _Aborted(Exception):
     pass
 
 
+class PendingFile:
+    """The outputs of one image whose computation is done, still being LZW-encoded and written
+    by background threads under temporary names (see :func:`start_file`).
+
+    Call :meth:`finish` to wait for them and rename them into place, or :meth:`abort` to
+    remove them.
+    """
+
+    def __init__(self, sinks: list[_TiffSink]) -> None:
+        self._sinks = sinks  # the probabilities first
+
+    def finish(self) -> None:
+        """Wait for the files and rename them into place, the probabilities first; when writing
+        any of them failed, none appears and the writer's error is raised."""
+        try:
+            for sink in self._sinks:
+                sink.close()
+            for sink in self._sinks:
+                sink.commit()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop writing and remove the temporary files (nothing to do after :meth:`finish`)."""
+        for sink in self._sinks:
+            sink.abort()
+
+
+def start_file(img_file: str | os.PathLike, out_file: str | os.PathLike,
+               classifier: Classifier, selection: FeatureSelection,
+               profile: str = "133", strip_bytes: int | None = None,
+               exports: Mapping[str, str | os.PathLike] | None = None) -> PendingFile:
+    """Classify one steinbock image; return while its TIFFs are still being written.
+
+    Like :func:`predict_file`, which is ``start_file(...).finish()``. Returning once the last
+    strip is computed lets a batch compute the next image while the last rows of this one are
+    LZW-encoded and written (``batch.run_local`` does).
+
+    Parameters
+    ----------
+    img_file, out_file, classifier, selection, profile, strip_bytes, exports
+        As for :func:`predict_file`.
+
+    Returns
+    -------
+    PendingFile
+        Its :meth:`PendingFile.finish` puts the files in place (or raises the writer's error).
+
+    Raises
+    ------
+    SteinpixError
+        When the image cannot be read or classified; no output file is left behind.
+    """
+    wanted = dict(exports or {})
+    unknown = set(wanted) - set(EXPORTS)
+    if unknown:
+        raise ValueError(f"unknown exports {sorted(unknown)}; known: {sorted(EXPORTS)}")
+    sinks: dict[str, _TiffSink] = {}
+    with _open_image(img_file) as dataset:
+        _, height, width = dataset.shape
+
+        def on_strip(probs: np.ndarray) -> None:
+            if not sinks:  # opened with the first strip, after the image's checks
+                sinks[""] = _TiffSink(out_file, (height, width, classifier.n_outputs),
+                                      np.uint16)
+                for name, path in wanted.items():
+                    sinks[name] = _TiffSink(path, (height, width, 1), EXPORTS[name][1])
+            for name in wanted:
+                sinks[name].put(EXPORTS[name][0](probs))
+
+        try:
+            for strip in iter_strips(dataset, classifier, selection, profile,
+                                     source=str(img_file), strip_bytes=strip_bytes,
+                                     on_strip=on_strip):
+                sinks[""].put(strip)
+        except BaseException:
+            for sink in sinks.values():
+                sink.abort()
+            raise
+    return PendingFile(list(sinks.values()))
+
+
 def predict_file(img_file: str | os.PathLike, out_file: str | os.PathLike,
                  classifier: Classifier, selection: FeatureSelection,
                  profile: str = "133", strip_bytes: int | None = None,
@@ -594,43 +677,8 @@ def predict_file(img_file: str | os.PathLike, out_file: str | os.PathLike,
         Y x X TIFFs of ilastik's ``Uncertainty`` (uint16) and ``Simple Segmentation`` (uint8)
         exports.
     """
-    wanted = dict(exports or {})
-    unknown = set(wanted) - set(EXPORTS)
-    if unknown:
-        raise ValueError(f"unknown exports {sorted(unknown)}; known: {sorted(EXPORTS)}")
-    sinks: dict[str, _TiffSink] = {}
-    with _open_image(img_file) as dataset:
-        _, height, width = dataset.shape
-
-        def export_strip(probs: np.ndarray) -> None:
-            for name, path in wanted.items():
-                function, dtype = EXPORTS[name]
-                if name not in sinks:  # opened with the first strip, after the image's checks
-                    sinks[name] = _TiffSink(path, (height, width, 1), dtype)
-                sinks[name].put(function(probs))
-
-        def finishing_exports(strips: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-            # the TIFF writer stops pulling after the last row, so the other exports are
-            # finished when it arrives, before the probabilities are complete
-            rows = 0
-            for strip in strips:
-                rows += strip.shape[0]
-                if rows == height:
-                    for sink in sinks.values():
-                        sink.close()
-                yield strip
-
-        strips = iter_strips(dataset, classifier, selection, profile, source=str(img_file),
-                             strip_bytes=strip_bytes, on_strip=export_strip if wanted else None)
-        try:
-            first = next(strips)  # checks the image before the output file is created
-            _write_tiff(out_file, (height, width, classifier.n_outputs),
-                        finishing_exports(itertools.chain([first], strips)))
-            for sink in sinks.values():
-                sink.commit()
-        finally:
-            for sink in sinks.values():
-                sink.abort()
+    start_file(img_file, out_file, classifier, selection, profile, strip_bytes,
+               exports).finish()
 
 
 def load_project(ilp_path: str | os.PathLike) -> tuple[Classifier, FeatureSelection]:
