@@ -410,6 +410,36 @@ def test_not_a_project(tmp_path):
         load_classifier(tmp_path / "missing.ilp")
 
 
+def test_tree_datasets_are_read_whatever_their_stored_type_and_checked(tmp_path):
+    # the trees are read through h5py's low-level API (forest._read_array): other numeric
+    # storage types give the same forest, a missing or non-numeric dataset is one line
+    rng = np.random.default_rng(13)
+    forests = make_forests(rng, 1, [3], 3, 2)
+    ilp = write_project(tmp_path / "p.ilp", forests, 3, 2)
+    expected = load_classifier(ilp)
+    tree = "PixelClassification/ClassifierForests/Forest0000/Tree_01"
+    with h5py.File(ilp, "a") as h5:
+        for name, dtype in (("topology", np.float64), ("parameters", np.float32)):
+            values = h5[f"{tree}/{name}"][()]
+            del h5[f"{tree}/{name}"]
+            h5[f"{tree}/{name}"] = values.astype(dtype)
+    stored = load_classifier(ilp)
+    for a, b in zip(expected.forests[0].trees, stored.forests[0].trees, strict=True):
+        np.testing.assert_array_equal(a.topology, b.topology)
+        assert b.topology.dtype == np.int32 and b.parameters.dtype == np.float64
+    np.testing.assert_array_equal(stored.forests[0].trees[1].parameters,
+                                  expected.forests[0].trees[1].parameters.astype(np.float32))
+    with h5py.File(ilp, "a") as h5:
+        del h5[f"{tree}/parameters"]
+    with pytest.raises(SteinpixError, match=f"missing /{tree}/parameters") as info:
+        load_classifier(ilp)
+    assert str(ilp) in str(info.value) and "--engine ilastik" in str(info.value)
+    with h5py.File(ilp, "a") as h5:
+        h5[f"{tree}/parameters"] = "not numbers"
+    with pytest.raises(SteinpixError, match=f"/{tree}/parameters is not numeric"):
+        load_classifier(ilp)
+
+
 def test_tree_count_must_match_stored_trees(tmp_path):
     rng = np.random.default_rng(12)
     ilp = write_project(tmp_path / "p.ilp", make_forests(rng, 1, [3], 3, 2), 3, 2)
