@@ -288,3 +288,28 @@ def test_two_images_with_one_name_are_an_error(workdir):
     assert result.exit_code == 1
     assert "would both be written as 20210305_NE_mockData1_001.tiff" in result.output
     assert not list((workdir / "ilastik_probabilities").iterdir())
+
+
+IMPORT_NUMBA = """
+import sys
+from steinpix._cli.run import import_numba
+import_numba()
+import numba
+left_out = [name for name in ("scipy", "yaml") if name in sys.modules]
+import scipy, yaml  # both still import afterwards
+print(" ".join(left_out) or "-", numba.config.BOUNDSCHECK)
+"""
+
+
+def test_numba_is_imported_without_scipy_and_yaml_unless_a_numba_config_needs_it(tmp_path):
+    pytest.importorskip("scipy")
+    pytest.importorskip("yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    run_it = [sys.executable, "-c", IMPORT_NUMBA]
+    out = subprocess.run(run_it, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["-", "None"]
+    (tmp_path / ".numba_config.yaml").write_text("boundscheck: 1\n")  # numba reads it with yaml
+    out = subprocess.run(run_it, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["yaml", "1"]
