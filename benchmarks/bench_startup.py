@@ -4,17 +4,21 @@ command does before the first image's compute starts.
 Example::
 
     python benchmarks/bench_startup.py --repeat 7
+    python benchmarks/bench_startup.py --repeat 7 --compare /tmp/old/src  # and another version
 
 Fresh processes, taking turns (A/B/C/D, A/B/C/D, ...), minimum and median over ``--repeat``:
 
 - ``python -c pass``: the interpreter alone (the floor);
 - ``steinpix --help``;
+- with ``--compare SRC``, ``steinpix --help``, ``run`` and the phases also for the steinpix
+  package in ``SRC`` (e.g. ``git archive <commit> src | tar -x -C /tmp/old``), in turns;
 - ``run``: the whole command (``--engine builtin --overwrite -v WARNING``) on a 120 x 120
   image of the test data, whose compute and TIFF write take a few milliseconds (the ``compute``
   phase below): its wall time is the fixed cost of a command plus that;
 - ``phases``: one process doing what the command does, step by step, with a clock after each:
-  ``cli imports`` (click and the command modules), ``engine imports`` (numpy, h5py, numba,
-  tifffile and the engine's modules), ``numba init`` (what ``run`` calls before the batch),
+  ``cli imports`` (click and the command modules), ``engine imports`` (numpy, h5py, numba
+  as ``run`` imports it, tifffile, the engine's modules), ``numba init`` (what ``run`` calls
+  before the batch),
   ``project`` (``batch.choose_engine``: opening, checking and loading the project),
   ``kernels`` (the first image minus the second: loading numba's cached machine code) and
   ``compute`` (the second image: compute and TIFF write). ``start`` is the time from the
@@ -59,11 +63,17 @@ def mark(name):
     marks[name] = now - last
     last = now
 import steinpix._cli.main
+import steinpix._cli.run
 mark("cli imports")
 from pathlib import Path
+if hasattr(steinpix._cli.run, "import_numba"):  # as run_cmd does (trees of other versions)
+    steinpix._cli.run.import_numba()
 from steinpix import batch, engine
 mark("engine imports")
-engine.init_numba()  # as _cli.run._run does before a local batch
+try:  # as _cli.run._run does before a local batch
+    engine.init_numba()
+except TypeError:  # before 706dc56
+    engine.init_numba(linalg=False)
 mark("numba init")
 ilp, img, out_dir = map(Path, sys.argv[2:5])
 chosen, profile = batch.choose_engine("builtin", ilp, None, "auto")
@@ -82,19 +92,20 @@ print(json.dumps(marks))
 """
 
 
-def child_env() -> dict[str, str]:
+def child_env(src: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+        [str(src), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall and CPU time (user + system) of a fresh process running ``cmd``."""
+def timed(cmd: list[str], src: Path) -> tuple[float, float]:
+    """Wall and CPU time (user + system) of a fresh process running ``cmd`` with steinpix
+    from ``src``."""
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=child_env())
+                             env=child_env(src))
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     err = child.stderr.read().decode()
@@ -104,10 +115,10 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_utime + usage.ru_stime
 
 
-def phases(ilp: Path, img: Path, out_dir: Path) -> dict[str, float]:
+def phases(ilp: Path, img: Path, out_dir: Path, src: Path) -> dict[str, float]:
     """The probe's phases, in a fresh process."""
     cmd = [sys.executable, "-c", PROBE, repr(time.time()), str(ilp), str(img), str(out_dir)]
-    child = subprocess.run(cmd, capture_output=True, env=child_env(), check=False)
+    child = subprocess.run(cmd, capture_output=True, env=child_env(src), check=False)
     if child.returncode != 0:
         raise SystemExit(f"probe failed: {child.stderr.decode()[-2000:]}")
     return json.loads(child.stdout.decode().strip().splitlines()[-1])
@@ -124,40 +135,51 @@ def main() -> None:
     parser.add_argument("--ilp", type=Path, default=DEFAULT_ILP)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=WORK / "out")
+    parser.add_argument("--compare", type=Path, metavar="SRC",
+                        help="also time the steinpix package in SRC (another version's src/ "
+                        "folder), taking turns with this one")
     args = parser.parse_args()
     img_dir = WORK / "img"  # the command's --img folder holds just this image
     shutil.rmtree(img_dir, ignore_errors=True)
     img_dir.mkdir(parents=True)
     img = img_dir / args.image.name
     shutil.copyfile(args.image, img)
+    trees = {"": REPO / "src"}
+    if args.compare is not None:
+        trees = {" (this)": REPO / "src", " (other)": args.compare.resolve()}
     steinpix = [sys.executable, "-m", "steinpix"]
-    commands = {
-        "python -c pass": [sys.executable, "-c", "pass"],
-        "steinpix --help": [*steinpix, "--help"],
-        "run": [*steinpix, "classify", "ilastik", "run", "--engine", "builtin", "--ilp",
-                str(args.ilp), "--img", str(img_dir), "-o", str(args.out), "--overwrite",
-                "-v", "WARNING"],
-    }
-    timed(commands["run"])  # warm-up: bytecode caches, numba's cache, the page cache
+    commands = {"python -c pass": ([sys.executable, "-c", "pass"], REPO / "src")}
+    for label, src in trees.items():
+        commands[f"steinpix --help{label}"] = ([*steinpix, "--help"], src)
+    for label, src in trees.items():
+        commands[f"run{label}"] = (
+            [*steinpix, "classify", "ilastik", "run", "--engine", "builtin", "--ilp",
+             str(args.ilp), "--img", str(img_dir), "-o", str(args.out), "--overwrite",
+             "-v", "WARNING"], src)
+    for label, src in trees.items():  # warm-up: bytecode and numba's caches, the page cache
+        timed(commands[f"run{label}"][0], src)
     walls: dict[str, list[float]] = {name: [] for name in commands}
     cpus: dict[str, list[float]] = {name: [] for name in commands}
-    steps: dict[str, list[float]] = {name: [] for name in PHASES}
+    steps = {label: {name: [] for name in PHASES} for label in trees}
     for _ in range(args.repeat):
-        for name, cmd in commands.items():
-            wall, cpu = timed(cmd)
+        for name, (cmd, src) in commands.items():
+            wall, cpu = timed(cmd, src)
             walls[name].append(wall)
             cpus[name].append(cpu)
-        for name, seconds in phases(args.ilp, img, args.out).items():
-            steps[name].append(seconds)
+        for label, src in trees.items():
+            for name, seconds in phases(args.ilp, img, args.out, src).items():
+                steps[label][name].append(seconds)
     print(f"image {args.image.name}, project {args.ilp.name}, {args.repeat} runs each")
+    width = max(map(len, commands))
     for name in commands:
-        print(f"{name:16s} wall {summary(walls[name])}; CPU {summary(cpus[name])}")
-    print("phases of one process (each: min, median):")
-    for name in PHASES:
-        print(f"  {name:16s} {summary(steps[name])}")
-    before = [steps[name] for name in PHASES if name != "compute"]
-    total = [sum(run) for run in zip(*before, strict=True)]
-    print(f"  {'before compute':16s} {summary(total)}")
+        print(f"{name:{width}s} wall {summary(walls[name])}; CPU {summary(cpus[name])}")
+    for label, src in trees.items():
+        print(f"phases of one process{label} (each: min, median), {src}:")
+        for name in PHASES:
+            print(f"  {name:16s} {summary(steps[label][name])}")
+        before = [steps[label][name] for name in PHASES if name != "compute"]
+        total = [sum(run) for run in zip(*before, strict=True)]
+        print(f"  {'before compute':16s} {summary(total)}")
     print(f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
 
 

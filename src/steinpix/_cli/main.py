@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from steinpix._cli.apps import apps_group
-from steinpix._cli.fix import fix_cmd
-from steinpix._cli.prepare import prepare_cmd
-from steinpix._cli.preview import preview_cmd
-from steinpix._cli.run import run_cmd
 from steinpix._cli.utils import exit_quickly
 
 
@@ -23,10 +20,24 @@ def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> No
 
 
 class OrderedGroup(click.Group):
-    """Lists its commands in the order they were added (steinbock's order), not sorted."""
+    """Lists its commands in the order they were added (steinbock's order), not sorted.
+
+    Commands given as ``lazy={name: "module:attribute"}`` are imported only when they run or
+    are listed (``--help``): a command does not pay for the imports of the others.
+    """
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+        return [*self.commands, *(name for name in self.lazy if name not in self.commands)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            module, attribute = self.lazy[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
 
 @click.group(name="steinpix", cls=OrderedGroup)
@@ -41,17 +52,21 @@ def classify_group() -> None:
     """Classify pixels."""
 
 
-@classify_group.group(name="ilastik", cls=OrderedGroup)
+@classify_group.group(
+    name="ilastik",
+    cls=OrderedGroup,
+    lazy={
+        "prepare": "steinpix._cli.prepare:prepare_cmd",
+        "run": "steinpix._cli.run:run_cmd",
+        "preview": "steinpix._cli.preview:preview_cmd",
+        "fix": "steinpix._cli.fix:fix_cmd",
+    },
+)
 def ilastik_group() -> None:
     """Perform supervised pixel classification using Ilastik"""
 
 
-ilastik_group.add_command(prepare_cmd)
-ilastik_group.add_command(run_cmd)
-ilastik_group.add_command(preview_cmd)
-ilastik_group.add_command(fix_cmd)
-
-main.add_command(apps_group)
+main.lazy["apps"] = "steinpix._cli.apps:apps_group"
 
 
 def cli() -> None:
