@@ -23,7 +23,8 @@ class OrderedGroup(click.Group):
     """Lists its commands in the order they were added (steinbock's order), not sorted.
 
     Commands given as ``lazy={name: "module:attribute"}`` are imported only when they run or
-    are listed (``--help``): a command does not pay for the imports of the others.
+    are listed (``--help``): a command does not pay for the imports of the others. They are
+    listed after the others, in the order given.
     """
 
     def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
@@ -31,7 +32,8 @@ class OrderedGroup(click.Group):
         self.lazy = dict(lazy or {})
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [*self.commands, *(name for name in self.lazy if name not in self.commands)]
+        # the commands added directly, then the lazy ones, each in the order given
+        return [*(name for name in self.commands if name not in self.lazy), *self.lazy]
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in self.lazy:
