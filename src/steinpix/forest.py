@@ -7,8 +7,9 @@ as text, never unpickled) and predicts with them exactly as vigra 1.11.1 and laz
 the last float32 bit (spec ``ilastik-1.3.3-prediction.md`` §1 and §3).
 
 All trees of all forests are flattened into numpy arrays (:class:`FlatForest`) for one numba
-kernel that classifies blocks of 16 pixels in parallel: small trees with the branch-free
-QuickScorer algorithm in SIMD instructions, large trees by walking them.
+kernel that classifies blocks of 32 pixels in parallel: small trees with the branch-free
+QuickScorer algorithm in SIMD instructions, large trees by walking them. When every leaf votes
+for one class (ilastik's usual forests), the votes are counted in SIMD registers as well.
 """
 
 from __future__ import annotations
@@ -139,12 +140,10 @@ class FlatForest(NamedTuple):
         ``leaf_f32`` and ``leaf_f64`` of those leaves.
     qs_slot_start : (n_slots + 1,) int64 ndarray
         Entries of slot ``s`` are ``qs_slot_start[s]:qs_slot_start[s+1]``.
-    qs_column : (n_entries,) int64 ndarray
-        Feature column of each entry.
-    qs_threshold : (n_entries,) float32 ndarray
-        Rounded-up threshold of the entry's split node.
-    qs_mask : (n_entries,) uint32 ndarray
-        Bits of the slot to keep when the pixel goes right.
+    qs_entries : (3 * n_entries,) uint32 ndarray
+        Per entry: its feature column times :data:`LANES` (the column's offset in a block), the
+        float32 bits of the rounded-up threshold of its split node, and the bits of the slot
+        to keep when the pixel goes right. One array, so an entry is one cache access.
     qs_vote_mask : (n_slots * K,) uint32 ndarray
         When ``votes``: ``qs_vote_mask[slot * K + c]`` has the bits of the slot's leaves that
         vote for class ``c`` (zeros otherwise).
@@ -180,9 +179,7 @@ class FlatForest(NamedTuple):
     qs_leaf_f32: np.ndarray
     qs_leaf_f64: np.ndarray
     qs_slot_start: np.ndarray
-    qs_column: np.ndarray
-    qs_threshold: np.ndarray
-    qs_mask: np.ndarray
+    qs_entries: np.ndarray
     qs_vote_mask: np.ndarray
     forest_start: np.ndarray
     forest_tree_count: np.ndarray
@@ -664,6 +661,15 @@ def _votes_possible(leaf_weights: np.ndarray, forests, n_classes: int) -> bool:
     return pure and n_classes <= 8 and max(f.tree_count for f in forests) <= 255
 
 
+def _pack_entries(entries: list[tuple[int, int, float, int]]) -> np.ndarray:
+    """``qs_entries`` of a :class:`FlatForest` from (slot, column, threshold, mask) tuples."""
+    packed = np.zeros((len(entries), _ENTRY), dtype=np.uint32)
+    packed[:, 0] = [e[1] * LANES for e in entries]
+    packed[:, 1] = round_up_to_float32(np.array([e[2] for e in entries])).view(np.uint32)
+    packed[:, 2] = [e[3] for e in entries]
+    return packed.reshape(-1)
+
+
 def _fill_vote_masks(vote_mask: np.ndarray, leaf_class: np.ndarray, tables: _Tables) -> None:
     """Set bit ``i % 32`` of ``vote_mask[slot0 + i // 32, c]`` for leaf ``i`` of each
     QuickScorer tree voting for class ``c`` (``leaf_class``: per QuickScorer leaf)."""
@@ -734,9 +740,7 @@ def flatten_forests(forests: tuple[Forest, ...] | list[Forest], n_features: int,
         qs_leaf_f32=weights[qs_leaf_node].astype(np.float32).reshape(-1, n_classes),
         qs_leaf_f64=weights[qs_leaf_node].reshape(-1, n_classes),
         qs_slot_start=np.searchsorted(slots, np.arange(n_slots + 1)).astype(np.int64),
-        qs_column=np.array([e[1] for e in entries], dtype=np.int64),
-        qs_threshold=round_up_to_float32(np.array([e[2] for e in entries], dtype=np.float64)),
-        qs_mask=np.array([e[3] for e in entries], dtype=np.uint32),
+        qs_entries=_pack_entries(entries),
         qs_vote_mask=vote_mask.reshape(-1),
         forest_start=np.array(starts, dtype=np.int64),
         forest_tree_count=np.array(counts, dtype=np.float32),
@@ -755,10 +759,12 @@ def flatten_forests(forests: tuple[Forest, ...] | list[Forest], n_features: int,
 # wrap-around code to signed indices.
 # --------------------------------------------------------------------------------------------
 
-# Pixels per block: 16 keeps a block's transposed features (160 columns: 10 KiB) and leaf masks
-# (100 trees: 6 KiB) in the L1 cache; two 8-wide SIMD groups per QuickScorer entry.
-LANES = 16
+# Pixels per block: 32 keeps a block's transposed features (160 columns: 20 KiB) in the L1 cache
+# beside the stream of QuickScorer entries (12 bytes each, about 16 KiB for 100 trees) and
+# spreads each entry's loads over four 8-wide SIMD groups (measured faster than 16 pixels).
+LANES = 32
 _SIMD = 8
+_ENTRY = 3  # uint32 words per QuickScorer entry in FlatForest.qs_entries
 _U = np.uint64
 
 
@@ -804,7 +810,7 @@ class _Emitter:
     def vec_ptr(self, ptr, index, vec_type):
         return self.builder.bitcast(self.builder.gep(ptr, [index]), vec_type.as_pointer())
 
-    def slot_masks(self, slot, xt_p, offset, stride, start_p, col_p, thr_p, mask_p):
+    def slot_masks(self, slot, xt_p, start_p, entry_p):
         """The leaf masks of one slot, LANES // _SIMD vectors: start from all ones and, for each
         of the slot's entries, keep only its mask in the lanes that go right (not below the
         threshold, NaN included)."""
@@ -814,11 +820,14 @@ class _Emitter:
             b.store(self.ones, acc)
         e0 = self.at(start_p, slot)
         e1 = self.at(start_p, b.add(slot, i64(1)))
+        float_p = ir.FloatType().as_pointer()
         with cgutils.for_range(b, e1, start=e0) as entry_loop:
-            e = entry_loop.index
-            base = b.add(b.mul(self.at(col_p, e), stride), offset)
-            thr = self.splat(self.at(thr_p, e), self.fvec)
-            mask = self.splat(self.at(mask_p, e), self.ivec)
+            entry = b.gep(entry_p, [b.mul(entry_loop.index, i64(_ENTRY))])
+            base = b.zext(b.load(entry), i64)
+            # threshold and mask as float loads, so that each is one broadcast from memory
+            thr = self.splat(b.load(b.bitcast(b.gep(entry, [i64(1)]), float_p)), self.fvec)
+            mask = self.splat(b.load(b.bitcast(b.gep(entry, [i64(2)]), float_p)), self.fvec)
+            mask = b.bitcast(mask, self.ivec)
             for g, acc in enumerate(keep):
                 x = b.load(self.vec_ptr(xt_p, b.add(base, i64(g * _SIMD)), self.fvec), align=4)
                 left = b.sext(b.fcmp_ordered("<", x, thr), self.ivec)
@@ -837,31 +846,26 @@ def _length(context, builder, array_type, array):
     return cgutils.unpack_tuple(builder, shape, 1)[0]
 
 
-_QS_DTYPES = (types.int64, types.int64, types.float32, types.uint32)  # slot_start .. mask
-
-
 @intrinsic
-def _quickscorer(typingctx, xt, offset, stride, bits, slot_start, column, threshold, mask):
+def _quickscorer(typingctx, xt, bits, slot_start, entries):
     """QuickScorer over a block: ``bits[slot * LANES + lane]`` for every slot and pixel.
 
-    Feature ``j`` of the block's pixel ``lane`` is ``xt[j * stride + offset + lane]``.
-    Written as LLVM vector IR because numba's loops over 16 lanes are not vectorised.
+    Feature ``j`` of the block's pixel ``lane`` is ``xt[j * LANES + lane]``; ``slot_start`` and
+    ``entries`` are :class:`FlatForest`'s ``qs_slot_start`` and ``qs_entries``. Written as LLVM
+    vector IR because numba's loops over the lanes are not vectorised.
     """
-    args = (xt, bits, slot_start, column, threshold, mask)
-    if not _arrays_are(args, (types.float32, types.uint32, *_QS_DTYPES)) or not all(
-        isinstance(t, types.Integer) for t in (offset, stride)
-    ):
+    args = (xt, bits, slot_start, entries)
+    if not _arrays_are(args, (types.float32, types.uint32, types.int64, types.uint32)):
         return None
-    sig = types.void(xt, types.int64, types.int64, *args[1:])
+    sig = types.void(*args)
 
     def codegen(context, builder, signature, args):
-        offset, stride = args[1], args[2]
-        xt_p, bits_p, *qs = _data_pointers(context, builder, signature, args, (0, 3, 4, 5, 6, 7))
+        xt_p, bits_p, *qs = _data_pointers(context, builder, signature, args, (0, 1, 2, 3))
         em = _Emitter(builder)
-        n_slots = builder.sub(_length(context, builder, signature.args[4], args[4]), em.i64(1))
+        n_slots = builder.sub(_length(context, builder, signature.args[2], args[2]), em.i64(1))
         with cgutils.for_range(builder, n_slots) as slot_loop:
             slot = slot_loop.index
-            words = em.slot_masks(slot, xt_p, offset, stride, *qs)
+            words = em.slot_masks(slot, xt_p, *qs)
             out = builder.mul(slot, em.i64(LANES))
             for g, word in enumerate(words):
                 ptr = em.vec_ptr(bits_p, builder.add(out, em.i64(g * _SIMD)), em.ivec)
@@ -872,8 +876,8 @@ def _quickscorer(typingctx, xt, offset, stride, bits, slot_start, column, thresh
 
 
 @intrinsic
-def _qs_votes(typingctx, xt, offset, stride, counts, tree_slot_start, forest_start, slot_start,
-              column, threshold, mask, vote_mask, n_classes):
+def _qs_votes(typingctx, xt, counts, tree_slot_start, forest_start, slot_start, entries,
+              vote_mask, n_classes):
     """Vote counts of the QuickScorer trees of each forest over a block.
 
     ``counts[(f * (K - 1) + c) * LANES + lane]`` = number of forest ``f``'s QuickScorer trees
@@ -882,25 +886,23 @@ def _qs_votes(typingctx, xt, offset, stride, counts, tree_slot_start, forest_sta
     :func:`_quickscorer`); isolated as ``b & -b``, it is tested against the tree's
     ``vote_mask`` of each class, all in vector registers. Walked trees are left out.
     """
-    args = (xt, counts, tree_slot_start, forest_start, slot_start, column, threshold, mask,
-            vote_mask)
-    dtypes = (types.float32, types.int32, types.int64, types.int64, *_QS_DTYPES, types.uint32)
-    if not _arrays_are(args, dtypes) or not all(
-        isinstance(t, types.Integer) for t in (offset, stride, n_classes)
-    ):
+    args = (xt, counts, tree_slot_start, forest_start, slot_start, entries, vote_mask)
+    dtypes = (types.float32, types.int32, types.int64, types.int64, types.int64, types.uint32,
+              types.uint32)
+    if not _arrays_are(args, dtypes) or not isinstance(n_classes, types.Integer):
         return None
-    sig = types.void(xt, types.int64, types.int64, *args[1:], types.int64)
+    sig = types.void(*args, types.int64)
 
     def codegen(context, builder, signature, args):
         b = builder
-        offset, stride, n_classes = args[1], args[2], args[11]
+        n_classes = args[7]
         xt_p, counts_p, tree_p, forest_p, *qs, vote_p = _data_pointers(
-            context, builder, signature, args, (0, 3, 4, 5, 6, 7, 8, 9, 10))
+            context, builder, signature, args, range(7))
         em = _Emitter(b)
         i64 = em.i64
         groups = LANES // _SIMD
         n_test = b.sub(n_classes, i64(1))
-        n_forests = b.sub(_length(context, b, signature.args[5], args[5]), i64(1))
+        n_forests = b.sub(_length(context, b, signature.args[3], args[3]), i64(1))
 
         def count_ptr(f, c, g):
             index = b.add(b.mul(b.add(b.mul(f, n_test), c), i64(LANES)), i64(g * _SIMD))
@@ -929,13 +931,13 @@ def _qs_votes(typingctx, xt, offset, stride, counts, tree_slot_start, forest_sta
                 s1 = em.at(tree_p, b.add(t, i64(1)))
                 with b.if_else(b.icmp_signed("==", s1, b.add(s0, i64(1)))) as (single, other):
                     with single:  # the usual case: up to 32 leaves
-                        words = em.slot_masks(s0, xt_p, offset, stride, *qs)
+                        words = em.slot_masks(s0, xt_p, *qs)
                         count(f, s0, [b.and_(w, b.sub(em.zeros, w)) for w in words])
                     with other:  # several slots: the lowest bit of the first nonzero word
                         found = [cgutils.alloca_once_value(b, em.zeros) for _ in range(groups)]
                         with cgutils.for_range(b, s1, start=s0) as slot_loop:
                             slot = slot_loop.index
-                            words = em.slot_masks(slot, xt_p, offset, stride, *qs)
+                            words = em.slot_masks(slot, xt_p, *qs)
                             lsb = []
                             for w, seen in zip(words, found, strict=True):
                                 old = b.load(seen)
@@ -1259,8 +1261,7 @@ def _classify_span(ff, out_channel, state, x, n_feat, width, lo, hi, out):
     n_classes, votes, n_walked = ff.leaf_f32.shape[1], ff.votes, ff.walked.size
     combine, total_count = ff.combine, ff.total_tree_count
     tree_slot_start, forest_start = ff.tree_slot_start, ff.forest_start
-    slot_start, column, threshold = ff.qs_slot_start, ff.qs_column, ff.qs_threshold
-    mask, vote_mask = ff.qs_mask, ff.qs_vote_mask
+    slot_start, entries, vote_mask = ff.qs_slot_start, ff.qs_entries, ff.qs_vote_mask
     for x0 in range(lo, hi, LANES):
         m = min(LANES, hi - x0)
         if m == LANES and width:
@@ -1268,13 +1269,13 @@ def _classify_span(ff, out_channel, state, x, n_feat, width, lo, hi, out):
         else:
             _load_block(x, x0, m, n_feat, width, xt, nan)
         if votes:
-            _qs_votes(xt, 0, LANES, counts, tree_slot_start, forest_start, slot_start, column,
-                      threshold, mask, vote_mask, n_classes)
+            _qs_votes(xt, counts, tree_slot_start, forest_start, slot_start, entries, vote_mask,
+                      n_classes)
             if n_walked:
                 _walked_votes(ff, xt, counts)
             _vote_probs(counts, forest_start, res, n_classes, combine, total_count)
         else:
-            _quickscorer(xt, 0, LANES, bits, slot_start, column, threshold, mask)
+            _quickscorer(xt, bits, slot_start, entries)
             _tree_leaves(ff, xt, 0, LANES, bits, leaf)
             _general_block(ff, leaf, acc, total, res)
         _store_block(res, nan, out_channel, x0, m, out)

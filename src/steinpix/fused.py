@@ -3,7 +3,7 @@
 :func:`classify` computes the same probabilities as ``predict_proba(compute_features(img))``,
 bit for bit, without the (pixels, features) matrix in between: each thread computes the
 features of one output row into a (features, x) buffer of about a megabyte, which stays in the
-CPU's cache, and classifies that row right away, 16 pixels at a time. That saves writing the
+CPU's cache, and classifies that row right away, 32 pixels at a time. That saves writing the
 160 features of every pixel to memory and reading them back (2.5 GB per 2000 x 2000 image), the
 two transposes around it, and a strip's feature buffer.
 """
