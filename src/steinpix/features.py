@@ -20,6 +20,12 @@ three times slower). The work is split in two stages, each run on row chunks by 
    feature rows of all (channel, scale) pairs are collected in a (features, x) scratch buffer
    and transposed into the caller's (Y, X, F) array with 8x8 vector blocks.
 
+The presmoothing's large kernels run explicit vector code (:func:`_taps_row`: taps innermost,
+eight 8-lane accumulators in registers). In the common case of stage 2 (all six features of a
+scale at feature sigma 1: radii 2 and 1) the six x-passes of a row and the ten y-passes with
+the features' arithmetic run as a few fused loops (:func:`_x_six`, :func:`_full_row`). Either
+way every pixel sees the same operations in the same order as the plain loops.
+
 The results do not depend on the thread count or on how the rows are chunked.
 """
 
@@ -905,9 +911,17 @@ def _xpass_padded(padded, margin, coefs, radius, odd, unfused, dst):
         return
     p = padded[margin - k : margin + n + k]
     # Every pixel first gets the SIMD code's order (sequential FMA); the pixels that
-    # fastfilters computes with scalar code are then redone where its order differs. The
-    # vector loop covers 8 pixels at a time from an aligned start to an end rounded down to 32.
+    # fastfilters computes with scalar code are then redone where its order differs.
     _seq_padded(p, k, coefs, odd, dst)
+    _scalar_spans(p, k, coefs, odd, unfused, dst)
+
+
+@_jit
+def _scalar_spans(p, k, coefs, odd, unfused, dst):
+    """Redo the pixels of a row that fastfilters computes with scalar code (``p`` padded by
+    exactly k); its vector loop covers 8 pixels at a time from an aligned start to an end
+    rounded down to 32."""
+    n = dst.shape[0]
     avx_end = (n - k) & ~31
     xa = (k + 7) & ~7
     xa2 = (xa + 31) & ~31
@@ -1054,9 +1068,21 @@ def _advance_x(plane, rings, coefs, radius, x_jobs, front, upto, n_ring, pad, un
     margin = 0
     for kern in range(radius.shape[0]):
         margin = max(margin, radius[kern])
+    full = _x_full(x_jobs, radius)
+    n = plane.shape[1]
     while front[0] <= stop:
         r = front[0]
         _pad_row(plane[r], margin, pad)  # once for all kernels
+        if full:
+            slot = r % n_ring
+            _x_six(pad, coefs, rings, slot, n)
+            for j in range(6):
+                kern, odd = x_jobs[j, 1], x_jobs[j, 2] != 0
+                k = radius[kern]
+                _scalar_spans(pad[margin - k : margin + n + k], k, coefs[kern], odd, unfused,
+                              rings[j, slot])
+            front[0] = r + 1
+            continue
         for j in range(x_jobs.shape[0]):
             ring, kern, odd = x_jobs[j, 0], x_jobs[j, 1], x_jobs[j, 2] != 0
             if ring < 0:
@@ -1064,6 +1090,42 @@ def _advance_x(plane, rings, coefs, radius, x_jobs, front, upto, n_ring, pad, un
             dst = rings[ring, r % n_ring]
             _xpass_padded(pad, margin, coefs[kern], radius[kern], odd, unfused, dst)
         front[0] = r + 1
+
+
+@_jit
+def _x_full(x_jobs, radius):
+    """Whether the x-passes are all six rings with radii 2 (feature Gaussians) and 1 (the
+    others), the case of :func:`_x_six`."""
+    if x_jobs.shape[0] < 6:
+        return False
+    for j in range(6):
+        if x_jobs[j, 0] != j:
+            return False
+    return (radius[_K_G0] == 2 and radius[_K_G1] == 2 and radius[_K_G2] == 2
+            and radius[_K_DOG] == 1 and radius[_K_GRAD0] == 1 and radius[_K_GRAD1] == 1)
+
+
+@_jit
+def _x_six(pad, coefs, rings, slot, n):
+    """The sequential-FMA x-passes of the six rings (see :func:`_x_full`) from one row padded
+    by 2, as :func:`_seq_padded` computes them, in two loops over x instead of six."""
+    g00, g01, g02 = coefs[_K_G0, 0], coefs[_K_G0, 1], coefs[_K_G0, 2]
+    g10, g11, g12 = coefs[_K_G1, 0], coefs[_K_G1, 1], coefs[_K_G1, 2]
+    g20, g21, g22 = coefs[_K_G2, 0], coefs[_K_G2, 1], coefs[_K_G2, 2]
+    gd0, gd1 = coefs[_K_DOG, 0], coefs[_K_DOG, 1]
+    ga0, ga1 = coefs[_K_GRAD0, 0], coefs[_K_GRAD0, 1]
+    gb0, gb1 = coefs[_K_GRAD1, 0], coefs[_K_GRAD1, 1]
+    q0, q1, q2, q3, q4 = pad[0:n], pad[1 : n + 1], pad[2 : n + 2], pad[3 : n + 3], pad[4 : n + 4]
+    o0, o1, o2 = rings[_R_X0, slot], rings[_R_X1, slot], rings[_R_X2, slot]
+    for x in range(n):
+        o0[x] = _fma(q4[x] + q0[x], g02, _fma(q3[x] + q1[x], g01, g00 * q2[x]))
+        o1[x] = _fma(q4[x] - q0[x], g12, _fma(q3[x] - q1[x], g11, g10 * q2[x]))
+        o2[x] = _fma(q4[x] + q0[x], g22, _fma(q3[x] + q1[x], g21, g20 * q2[x]))
+    o3, o4, o5 = rings[_R_XDOG, slot], rings[_R_XGRAD0, slot], rings[_R_XGRAD1, slot]
+    for x in range(n):
+        o3[x] = _fma(q3[x] + q1[x], gd1, gd0 * q2[x])
+        o4[x] = _fma(q3[x] + q1[x], ga1, ga0 * q2[x])
+        o5[x] = _fma(q3[x] - q1[x], gb1, gb0 * q2[x])
 
 
 @_jit
@@ -1155,12 +1217,95 @@ def _feature_row(
     _advance_x(plane, rings, coefs, radius, x_jobs, front, y + ahead, n_ring, pad, unfused)
     if ste:
         _advance_tensor(plane, rings, coefs, radius, front, y + k, n_ring, tmp, pad, unfused)
+    if _is_full(cols, radius):
+        _full_row(rings, n_ring, y, height, coefs, cols, scratch)
+        return
     for j in range(y_jobs.shape[0]):
         t, ring, kern, odd = y_jobs[j, 0], y_jobs[j, 1], y_jobs[j, 2], y_jobs[j, 3] != 0
         if t < 0:
             break
         _ypass_row(rings[ring], n_ring, y, height, coefs[kern], radius[kern], odd, tmp[t])
     _combine(cols, tmp, scratch)
+
+
+@_jit
+def _is_full(cols, radius):
+    """Whether a scale has all six features and the radii of every scale >= 1 (2 for the
+    feature Gaussians and their derivatives, 1 for the smaller one of the difference of
+    Gaussians), the case that :func:`_full_row` handles in one loop."""
+    for f in range(6):
+        if cols[f, 0] < 0:
+            return False
+    return (radius[_K_G0] == 2 and radius[_K_G1] == 2 and radius[_K_G2] == 2
+            and radius[_K_DOG] == 1)
+
+
+@_jit
+def _full_row(rings, n_ring, y, height, coefs, cols, scratch):
+    """The ten y-passes and the six features of one (channel, scale), in three loops.
+
+    Exactly the operations of the ``_ypass_row`` calls and :func:`_combine` that they
+    replace, in the same order for every pixel, but without writing the ten filtered rows to
+    memory and reading them back. Only for the case of :func:`_is_full`. (Three loops, not
+    one: LLVM vectorises a loop only while it can check the overlap of few arrays.)
+    """
+    m2, m1 = _mirror(y - 2, height) % n_ring, _mirror(y - 1, height) % n_ring
+    p1, p2 = _mirror(y + 1, height) % n_ring, _mirror(y + 2, height) % n_ring
+    r0 = y % n_ring
+    g0, g1, g2 = coefs[_K_G0], coefs[_K_G1], coefs[_K_G2]
+    g00, g01, g02 = g0[0], g0[1], g0[2]
+    g10, g11, g12 = g1[0], g1[1], g1[2]
+    g20, g21, g22 = g2[0], g2[1], g2[2]
+    gd0, gd1 = coefs[_K_DOG, 0], coefs[_K_DOG, 1]
+    half = np.float32(0.5)
+    w = scratch.shape[1]
+    # Gaussian smoothing, Laplacian and Hessian eigenvalues
+    am2, am1, a0, ap1, ap2 = (rings[_R_X0, m2], rings[_R_X0, m1], rings[_R_X0, r0],
+                              rings[_R_X0, p1], rings[_R_X0, p2])
+    bm2, bm1, b0, bp1, bp2 = (rings[_R_X2, m2], rings[_R_X2, m1], rings[_R_X2, r0],
+                              rings[_R_X2, p1], rings[_R_X2, p2])
+    cm2, cm1, c0, cp1, cp2 = (rings[_R_X1, m2], rings[_R_X1, m1], rings[_R_X1, r0],
+                              rings[_R_X1, p1], rings[_R_X1, p2])
+    gs_out, log_out = scratch[cols[_GS, 0]], scratch[cols[_LOG, 0]]
+    big, small = scratch[cols[_HOG, 0]], scratch[cols[_HOG, 1]]
+    for x in range(w):
+        gs_out[x] = _fma(ap2[x] + am2[x], g02, _fma(ap1[x] + am1[x], g01, g00 * a0[x]))
+        yy = _fma(ap2[x] + am2[x], g22, _fma(ap1[x] + am1[x], g21, g20 * a0[x]))
+        xx = _fma(bp2[x] + bm2[x], g02, _fma(bp1[x] + bm1[x], g01, g00 * b0[x]))
+        xy = _fma(cp2[x] - cm2[x], g12, _fma(cp1[x] - cm1[x], g11, g10 * c0[x]))
+        log_out[x] = yy + xx
+        t0 = (xx + yy) * half
+        t1 = (xx - yy) * half
+        t1 = t1 * t1
+        d = np.sqrt(t1 + xy * xy)
+        big[x] = t0 + d
+        small[x] = t0 - d
+    # gradient magnitude and difference of Gaussians
+    dm1, d0, dp1 = rings[_R_XDOG, m1], rings[_R_XDOG, r0], rings[_R_XDOG, p1]
+    ggm_out, dog_out = scratch[cols[_GGM, 0]], scratch[cols[_DOG, 0]]
+    for x in range(w):
+        dy = _fma(ap2[x] - am2[x], g12, _fma(ap1[x] - am1[x], g11, g10 * a0[x]))
+        dx = _fma(cp2[x] + cm2[x], g02, _fma(cp1[x] + cm1[x], g01, g00 * c0[x]))
+        ggm_out[x] = np.sqrt(dy * dy + dx * dx)
+        dog_out[x] = gs_out[x] - _fma(dp1[x] + dm1[x], gd1, gd0 * d0[x])
+    # structure tensor eigenvalues
+    am2, am1, a0, ap1, ap2 = (rings[_R_SXX, m2], rings[_R_SXX, m1], rings[_R_SXX, r0],
+                              rings[_R_SXX, p1], rings[_R_SXX, p2])
+    bm2, bm1, b0, bp1, bp2 = (rings[_R_SYY, m2], rings[_R_SYY, m1], rings[_R_SYY, r0],
+                              rings[_R_SYY, p1], rings[_R_SYY, p2])
+    cm2, cm1, c0, cp1, cp2 = (rings[_R_SXY, m2], rings[_R_SXY, m1], rings[_R_SXY, r0],
+                              rings[_R_SXY, p1], rings[_R_SXY, p2])
+    big, small = scratch[cols[_STE, 0]], scratch[cols[_STE, 1]]
+    for x in range(w):
+        sxx = _fma(ap2[x] + am2[x], g02, _fma(ap1[x] + am1[x], g01, g00 * a0[x]))
+        syy = _fma(bp2[x] + bm2[x], g02, _fma(bp1[x] + bm1[x], g01, g00 * b0[x]))
+        sxy = _fma(cp2[x] + cm2[x], g02, _fma(cp1[x] + cm1[x], g01, g00 * c0[x]))
+        t0 = (sxx + syy) * half
+        t1 = (sxx - syy) * half
+        t1 = t1 * t1
+        d = np.sqrt(t1 + sxy * sxy)
+        big[x] = t0 + d
+        small[x] = t0 - d
 
 
 @intrinsic
