@@ -1138,6 +1138,25 @@ def _advance_tensor(plane, rings, coefs, radius, front, upto, n_ring, tmp, pad, 
     stop = min(upto, height - 1)
     kg = radius[_K_GRAD0]
     gx, gy = tmp[_T_GX], tmp[_T_GY]
+    k = radius[_K_G0]
+    n = plane.shape[1]
+    if kg == 1 and k == 2:
+        # the common case in fewer loops, the products straight into padded rows
+        while front[1] <= stop:
+            r = front[1]
+            slot = r % n_ring
+            _tensor_products(rings, n_ring, r, height, coefs, pad, n)
+            for j in range(3):
+                p = pad[1 + j, : n + 4]
+                for t in range(1, 3):  # mirror, as _pad_row
+                    p[2 - t] = p[2 + t]
+                    p[n + 1 + t] = p[n + 1 - t]
+            _x_three(pad, coefs[_K_G0], rings, slot, n)
+            for j in range(3):
+                _scalar_spans(pad[1 + j, : n + 4], 2, coefs[_K_G0], j < 0, unfused,
+                              rings[_R_SXX + j, slot])
+            front[1] = r + 1
+        return
     while front[1] <= stop:
         r = front[1]
         # gx = conv(x: g1, y: g0) and gy = conv(x: g0, y: g1), both at sigma / 2
@@ -1150,14 +1169,45 @@ def _advance_tensor(plane, rings, coefs, radius, front, upto, n_ring, tmp, pad, 
             pxx[x] = gx[x] * gx[x]
             pyy[x] = gy[x] * gy[x]
             pxy[x] = gx[x] * gy[x]
-        k = radius[_K_G0]
         for j in range(3):  # smooth the products along x with g0(sigma)
-            _pad_row(tmp[_T_PXX + j], k, pad)
+            _pad_row(tmp[_T_PXX + j], k, pad[0])
             # `j < 0` is False, but as a run-time bool: a literal False would make numba
             # compile a second specialisation of _xpass_padded and everything it calls.
             dst = rings[_R_SXX + j, r % n_ring]
-            _xpass_padded(pad, k, coefs[_K_G0], k, j < 0, unfused, dst)
+            _xpass_padded(pad[0], k, coefs[_K_G0], k, j < 0, unfused, dst)
         front[1] = r + 1
+
+
+@_jit
+def _tensor_products(rings, n_ring, r, height, coefs, pad, n):
+    """Row r of the gradients (y-passes of radius 1) and their products, as
+    :func:`_advance_tensor` computes them, into ``pad[1 + j, 2 : n + 2]`` (xx, yy, xy)."""
+    lo, hi, mid = _mirror(r - 1, height) % n_ring, _mirror(r + 1, height) % n_ring, r % n_ring
+    # gx = conv(x: g1, y: g0) and gy = conv(x: g0, y: g1), both at sigma / 2
+    a_lo, a_mid, a_hi = rings[_R_XGRAD1, lo], rings[_R_XGRAD1, mid], rings[_R_XGRAD1, hi]
+    b_lo, b_mid, b_hi = rings[_R_XGRAD0, lo], rings[_R_XGRAD0, mid], rings[_R_XGRAD0, hi]
+    a0, a1 = coefs[_K_GRAD0, 0], coefs[_K_GRAD0, 1]
+    b0, b1 = coefs[_K_GRAD1, 0], coefs[_K_GRAD1, 1]
+    pxx, pyy, pxy = pad[1, 2 : n + 2], pad[2, 2 : n + 2], pad[3, 2 : n + 2]
+    for x in range(n):
+        gx = _fma(a_hi[x] + a_lo[x], a1, a0 * a_mid[x])
+        gy = _fma(b_hi[x] - b_lo[x], b1, b0 * b_mid[x])
+        pxx[x] = gx * gx
+        pyy[x] = gy * gy
+        pxy[x] = gx * gy
+
+
+@_jit
+def _x_three(pad, coefs, rings, slot, n):
+    """The sequential-FMA x-passes (radius 2) of the three padded product rows
+    ``pad[1 + j]`` into the rings of the structure tensor, as :func:`_seq_padded`."""
+    c0, c1, c2 = coefs[0], coefs[1], coefs[2]
+    for j in range(3):
+        p = pad[1 + j]
+        q0, q1, q2, q3, q4 = p[0:n], p[1 : n + 1], p[2 : n + 2], p[3 : n + 3], p[4 : n + 4]
+        out = rings[_R_SXX + j, slot]
+        for x in range(n):
+            out[x] = _fma(q4[x] + q0[x], c2, _fma(q3[x] + q1[x], c1, c0 * q2[x]))
 
 
 @_jit
@@ -1214,7 +1264,7 @@ def _feature_row(
     k, kd, kg = radius[_K_G0], radius[_K_DOG], radius[_K_GRAD0]
     ste = cols[_STE, 0] >= 0
     ahead = max(k, kd, k + kg) if ste else max(k, kd)
-    _advance_x(plane, rings, coefs, radius, x_jobs, front, y + ahead, n_ring, pad, unfused)
+    _advance_x(plane, rings, coefs, radius, x_jobs, front, y + ahead, n_ring, pad[0], unfused)
     if ste:
         _advance_tensor(plane, rings, coefs, radius, front, y + k, n_ring, tmp, pad, unfused)
     if _is_full(cols, radius):
@@ -1386,7 +1436,7 @@ def _row_state(planes, coefs, radius, columns, n_ring, y0, n_feat):
     """Scratch space of stage 2 for output rows from ``y0`` on, for one thread.
 
     Returns ``(rings, scratch, tmp, pad, front)``: the ring buffers of x-filtered rows, the
-    (features, x) rows of one output row, the row temporaries, a padded row and, per
+    (features, x) rows of one output row, the row temporaries, four padded rows and, per
     (channel, scale), the next x-filtered and structure-tensor rows. The fronts start far
     enough above y0 for every row the first output row depends on.
     """
@@ -1394,7 +1444,7 @@ def _row_state(planes, coefs, radius, columns, n_ring, y0, n_feat):
     rings = np.empty((n_channels, n_scales, _N_RINGS, n_ring, width), dtype=np.float32)
     scratch = np.empty((n_feat, width), dtype=np.float32)
     tmp = np.empty((_N_TMP, width), dtype=np.float32)
-    pad = np.empty(width + 2 * coefs.shape[2], dtype=np.float32)
+    pad = np.empty((4, width + 2 * coefs.shape[2]), dtype=np.float32)
     front = np.empty((n_channels, n_scales, 2), dtype=np.int64)
     for s in range(n_scales):
         k, kd, kg = radius[s, _K_G0], radius[s, _K_DOG], radius[s, _K_GRAD0]
