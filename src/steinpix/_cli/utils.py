@@ -43,7 +43,8 @@ def exit_quickly(code: object) -> None:
     code : object
         ``SystemExit.code``: None (0), an int, or a message for stderr (status 1).
     """
-    if not _quick_exit or sys.flags.inspect:
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)  # CPython's, since 3.0
+    if not _quick_exit or sys.flags.inspect or run_exitfuncs is None:
         return
     main = threading.main_thread()
     if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
@@ -51,7 +52,7 @@ def exit_quickly(code: object) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except (OSError, ValueError):  # e.g. a closed pipe
+    except (OSError, ValueError, AttributeError):  # e.g. a closed pipe, no stdout
         return
     if code is None:
         status = 0
@@ -60,11 +61,11 @@ def exit_quickly(code: object) -> None:
     else:
         print(code, file=sys.stderr)
         status = 1
-    atexit._run_exitfuncs()
+    run_exitfuncs()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         status = status or 120  # what Python exits with when it cannot flush at exit
     os._exit(status)
 
