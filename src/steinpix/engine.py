@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import tifffile
 
-from steinpix import features, forest, progress
+from steinpix import features, progress
 from steinpix.atomic import atomic_output, temporary_sibling
 from steinpix.errors import SteinpixError
 from steinpix.exports import EXPORTS, export_uint16
@@ -119,16 +119,18 @@ _numba_ready = False
 
 
 def _kernel_caches() -> list:
-    """numba's on-disk caches of the engine's kernels (all compiled functions of its modules)."""
+    """numba's on-disk caches of the engine's kernels: the compiled functions of every
+    steinpix module loaded (the engine imports all of its own)."""
+    import sys
+
     from numba.core.dispatcher import Dispatcher
 
-    from steinpix import fused, lzw
-
-    modules = (features, forest, fused, lzw)
+    modules = [m for name, m in list(sys.modules.items())
+               if m is not None and (name == "steinpix" or name.startswith("steinpix."))]
     return [
         value._cache
         for module in modules
-        for value in vars(module).values()
+        for value in list(vars(module).values())
         if isinstance(value, Dispatcher) and getattr(value, "_cache", None) is not None
     ]
 
