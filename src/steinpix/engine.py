@@ -83,12 +83,14 @@ def init_numba() -> None:
 
     Before numba loads a cached kernel it prepares its whole CPU target: it imports and
     registers the typing and lowering of everything it can compile (about 0.25 s, the largest
-    part of a ``run`` command's start-up), though machine code loaded from the cache needs only
-    numba's runtime. This starts the runtime and lets the engine's kernels load without the
-    rest. A cache miss (the first run after installation, or another CPU) still compiles as
-    usual: numba's compiler prepares the whole target itself. Once per process; later calls do
-    nothing. Where numba's internals differ from those of the releases this was written for
-    (0.57 to 0.68), it prepares the whole target as numba would.
+    part of a ``run`` command's start-up), and it initialises the numba extensions of every
+    installed package (reading the entry points of all of them: 0.01 to 0.04 s here, more in
+    large environments), though machine code loaded from the cache needs only numba's runtime.
+    This starts the runtime and lets the engine's kernels load without the rest. A cache miss
+    (the first run after installation, or another CPU) still compiles as usual: the extensions
+    are initialised then, and numba's compiler prepares the whole target itself. Once per
+    process; later calls do nothing. Where numba's internals differ from those of the releases
+    this was written for (0.57 to 0.68), it prepares the whole target as numba would.
     """
     global _numba_ready
     with _numba_lock:
@@ -97,20 +99,23 @@ def init_numba() -> None:
         from numba.core.registry import cpu_target
 
         context = cpu_target.target_context
-        caches = [cache for cache in _kernel_caches() if hasattr(cache, "_load_overload")]
+        kernels = [kernel for kernel in _kernels()
+                   if hasattr(getattr(kernel, "_cache", None), "_load_overload")
+                   and hasattr(kernel, "_compilation_chain_init_hook")]
         try:
             from numba.core.runtime import rtsys
         except ImportError:
-            caches = []
-        if not caches:
+            kernels = []
+        if not kernels:
             context.refresh()
         else:
             from numba.core.compiler_lock import global_compiler_lock
 
             with global_compiler_lock:  # as numba initialises its runtime
                 rtsys.initialize(context)
-            for cache in caches:
-                cache.load_overload = functools.partial(_load_cached, cache)
+            for kernel in kernels:
+                kernel._cache.load_overload = functools.partial(_load_cached, kernel._cache)
+                kernel._compilation_chain_init_hook = _no_extensions_yet
         _numba_ready = True
 
 
@@ -118,27 +123,38 @@ _numba_lock = threading.Lock()
 _numba_ready = False
 
 
-def _kernel_caches() -> list:
-    """numba's on-disk caches of the engine's kernels: the compiled functions of every
-    steinpix module loaded (the engine imports all of its own)."""
+def _kernels() -> list:
+    """The engine's compiled functions: those of every steinpix module loaded (the engine
+    imports all of its own)."""
     import sys
 
     from numba.core.dispatcher import Dispatcher
 
     modules = [m for name, m in list(sys.modules.items())
                if m is not None and (name == "steinpix" or name.startswith("steinpix."))]
-    return [
-        value._cache
+    kernels = {
+        id(value): value
         for module in modules
         for value in list(vars(module).values())
-        if isinstance(value, Dispatcher) and getattr(value, "_cache", None) is not None
-    ]
+        if isinstance(value, Dispatcher)
+    }
+    return list(kernels.values())
+
+
+def _no_extensions_yet() -> None:
+    """A kernel's first call: numba's extensions are initialised only if it must compile."""
 
 
 def _load_cached(cache, signature, target_context):
     """numba's ``Cache.load_overload`` without its refresh of the whole target: the kernel's
-    machine code from the cache, or None (numba then compiles, preparing the target itself)."""
-    return cache._load_overload(signature, target_context)
+    machine code from the cache, or None, after initialising numba's extensions (numba then
+    compiles, preparing the target itself)."""
+    result = cache._load_overload(signature, target_context)
+    if result is None:
+        from numba.core import entrypoints
+
+        entrypoints.init_all()
+    return result
 
 
 def set_threads(n: int | None) -> int:
