@@ -12,7 +12,12 @@ measures, in fresh processes, the first ``predict_proba`` call with an empty num
 
 ``predict_proba`` classifies a (pixels, features) matrix. The engine (``steinpix.fused``)
 classifies each image row right after computing its features, from the cache; its forest time
-is the engine's time with the classification minus its time without it, over the same rows.
+is the engine's time with the classification minus its time without it, over the same rows
+(noisy: a difference of two larger times). "fused forest alone" times the engine's per-row
+classification (``forest._classify_span`` on (features, x) rows, one row per work item) by
+itself, on the first 8 rows' features in that layout, cycled through so that they stay in the
+CPU's cache as a freshly computed row does; with one thread it is CPU time, the steadiest
+figure.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 from bench_features import engine_times
 
 from steinpix.engine import STRIP_PIXELS
+from steinpix.forest import _block_state, _classify_span
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work"
@@ -54,6 +60,34 @@ def first_call(ilp: Path, cache_dir: str | None) -> str:
     result = subprocess.run([sys.executable, "-c", FIRST_CALL.format(ilp=str(ilp))], env=env,
                             capture_output=True, text=True, check=True)
     return result.stdout.strip()
+
+
+@numba.njit(parallel=True, nogil=True)
+def _fused_forest(rows, n_rows, ff, out_channel, out):
+    """The engine's classification of ``n_rows`` rows, cycling through ``rows``
+    ((R, features, width) float32), into ``out`` ((n_rows, width, n_outputs))."""
+    n_feat, width = rows.shape[1], rows.shape[2]
+    for y in numba.prange(n_rows):
+        r = y % rows.shape[0]
+        state = _block_state(ff, n_feat)
+        _classify_span(ff, out_channel, state, rows[r].reshape(-1), n_feat, width, 0, width,
+                       out[y])
+
+
+def fused_forest_times(features: np.ndarray, classifier, n_rows: int,
+                       repeat: int) -> tuple[float, float]:
+    """Best and median time of :func:`_fused_forest` (CPU time with one thread, else wall)."""
+    rows = np.ascontiguousarray(features[:8].transpose(0, 2, 1))
+    out = np.empty((n_rows, rows.shape[2], classifier.n_outputs), dtype=np.float32)
+    args = (rows, n_rows, classifier.flat, classifier.output_channels, out)
+    clock = time.process_time if numba.get_num_threads() == 1 else time.perf_counter
+    _fused_forest(*args)
+    times = []
+    for _ in range(repeat):
+        t = clock()
+        _fused_forest(*args)
+        times.append(clock() - t)
+    return min(times), float(np.median(times))
 
 
 def main() -> None:
@@ -93,6 +127,12 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         best, median = min(times), float(np.median(times))
         print(f"threads {threads}: {n / best / 1e6:.2f} Mpixel/s best, "
+              f"{n / median / 1e6:.2f} median ({best:.3f} s best)", flush=True)
+    per_row = features.reshape(img.shape[1], img.shape[2], classifier.n_features)
+    for threads in args.threads:
+        engine.set_threads(threads)
+        best, median = fused_forest_times(per_row, classifier, img.shape[1], args.repeat)
+        print(f"threads {threads}, fused forest alone: {n / best / 1e6:.2f} Mpixel/s best, "
               f"{n / median / 1e6:.2f} median ({best:.3f} s best)", flush=True)
     rows = max(1, STRIP_PIXELS // img.shape[2])
     for threads in args.threads:
