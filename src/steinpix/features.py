@@ -1211,17 +1211,22 @@ def _x_three(pad, coefs, rings, slot, n):
 
 
 @_jit
+def _eigenpair(xx, yy, xy):
+    """Both eigenvalues of one pixel, in :func:`_eigenvalues`' order of operations."""
+    half = np.float32(0.5)
+    t0 = (xx + yy) * half
+    t1 = (xx - yy) * half
+    t1 = t1 * t1
+    d = np.sqrt(t1 + xy * xy)
+    return t0 + d, t0 - d
+
+
+@_jit
 def _eigenvalues(xx, yy, xy, big, small):
     """Eigenvalues of [[xx, xy], [xy, yy]] per pixel, in fastfilters' float32 order."""
-    half = np.float32(0.5)
     for x in range(xx.shape[0]):
-        t0 = (xx[x] + yy[x]) * half
-        t1 = (xx[x] - yy[x]) * half
-        t1 = t1 * t1
-        d = np.sqrt(t1 + xy[x] * xy[x])
         # d >= 0 and rounding is monotonic, so t0 + d is max(t0 + d, t0 - d).
-        big[x] = t0 + d
-        small[x] = t0 - d
+        big[x], small[x] = _eigenpair(xx[x], yy[x], xy[x])
 
 
 @_jit
@@ -1291,6 +1296,12 @@ def _is_full(cols, radius):
 
 
 @_jit
+def _rows5(rings, ring, m2, m1, r0, p1, p2):
+    """Rows y - 2 .. y + 2 of a ring (slots given)."""
+    return rings[ring, m2], rings[ring, m1], rings[ring, r0], rings[ring, p1], rings[ring, p2]
+
+
+@_jit
 def _full_row(rings, n_ring, y, height, coefs, cols, scratch):
     """The ten y-passes and the six features of one (channel, scale), in three loops.
 
@@ -1307,15 +1318,11 @@ def _full_row(rings, n_ring, y, height, coefs, cols, scratch):
     g10, g11, g12 = g1[0], g1[1], g1[2]
     g20, g21, g22 = g2[0], g2[1], g2[2]
     gd0, gd1 = coefs[_K_DOG, 0], coefs[_K_DOG, 1]
-    half = np.float32(0.5)
     w = scratch.shape[1]
     # Gaussian smoothing, Laplacian and Hessian eigenvalues
-    am2, am1, a0, ap1, ap2 = (rings[_R_X0, m2], rings[_R_X0, m1], rings[_R_X0, r0],
-                              rings[_R_X0, p1], rings[_R_X0, p2])
-    bm2, bm1, b0, bp1, bp2 = (rings[_R_X2, m2], rings[_R_X2, m1], rings[_R_X2, r0],
-                              rings[_R_X2, p1], rings[_R_X2, p2])
-    cm2, cm1, c0, cp1, cp2 = (rings[_R_X1, m2], rings[_R_X1, m1], rings[_R_X1, r0],
-                              rings[_R_X1, p1], rings[_R_X1, p2])
+    am2, am1, a0, ap1, ap2 = _rows5(rings, _R_X0, m2, m1, r0, p1, p2)
+    bm2, bm1, b0, bp1, bp2 = _rows5(rings, _R_X2, m2, m1, r0, p1, p2)
+    cm2, cm1, c0, cp1, cp2 = _rows5(rings, _R_X1, m2, m1, r0, p1, p2)
     gs_out, log_out = scratch[cols[_GS, 0]], scratch[cols[_LOG, 0]]
     big, small = scratch[cols[_HOG, 0]], scratch[cols[_HOG, 1]]
     for x in range(w):
@@ -1324,12 +1331,7 @@ def _full_row(rings, n_ring, y, height, coefs, cols, scratch):
         xx = _fma(bp2[x] + bm2[x], g02, _fma(bp1[x] + bm1[x], g01, g00 * b0[x]))
         xy = _fma(cp2[x] - cm2[x], g12, _fma(cp1[x] - cm1[x], g11, g10 * c0[x]))
         log_out[x] = yy + xx
-        t0 = (xx + yy) * half
-        t1 = (xx - yy) * half
-        t1 = t1 * t1
-        d = np.sqrt(t1 + xy * xy)
-        big[x] = t0 + d
-        small[x] = t0 - d
+        big[x], small[x] = _eigenpair(xx, yy, xy)
     # gradient magnitude and difference of Gaussians
     dm1, d0, dp1 = rings[_R_XDOG, m1], rings[_R_XDOG, r0], rings[_R_XDOG, p1]
     ggm_out, dog_out = scratch[cols[_GGM, 0]], scratch[cols[_DOG, 0]]
@@ -1339,23 +1341,15 @@ def _full_row(rings, n_ring, y, height, coefs, cols, scratch):
         ggm_out[x] = np.sqrt(dy * dy + dx * dx)
         dog_out[x] = gs_out[x] - _fma(dp1[x] + dm1[x], gd1, gd0 * d0[x])
     # structure tensor eigenvalues
-    am2, am1, a0, ap1, ap2 = (rings[_R_SXX, m2], rings[_R_SXX, m1], rings[_R_SXX, r0],
-                              rings[_R_SXX, p1], rings[_R_SXX, p2])
-    bm2, bm1, b0, bp1, bp2 = (rings[_R_SYY, m2], rings[_R_SYY, m1], rings[_R_SYY, r0],
-                              rings[_R_SYY, p1], rings[_R_SYY, p2])
-    cm2, cm1, c0, cp1, cp2 = (rings[_R_SXY, m2], rings[_R_SXY, m1], rings[_R_SXY, r0],
-                              rings[_R_SXY, p1], rings[_R_SXY, p2])
+    am2, am1, a0, ap1, ap2 = _rows5(rings, _R_SXX, m2, m1, r0, p1, p2)
+    bm2, bm1, b0, bp1, bp2 = _rows5(rings, _R_SYY, m2, m1, r0, p1, p2)
+    cm2, cm1, c0, cp1, cp2 = _rows5(rings, _R_SXY, m2, m1, r0, p1, p2)
     big, small = scratch[cols[_STE, 0]], scratch[cols[_STE, 1]]
     for x in range(w):
         sxx = _fma(ap2[x] + am2[x], g02, _fma(ap1[x] + am1[x], g01, g00 * a0[x]))
         syy = _fma(bp2[x] + bm2[x], g02, _fma(bp1[x] + bm1[x], g01, g00 * b0[x]))
         sxy = _fma(cp2[x] + cm2[x], g02, _fma(cp1[x] + cm1[x], g01, g00 * c0[x]))
-        t0 = (sxx + syy) * half
-        t1 = (sxx - syy) * half
-        t1 = t1 * t1
-        d = np.sqrt(t1 + sxy * sxy)
-        big[x] = t0 + d
-        small[x] = t0 - d
+        big[x], small[x] = _eigenpair(sxx, syy, sxy)
 
 
 @intrinsic
