@@ -10,12 +10,15 @@ two transposes around it, and a strip's feature buffer.
 
 from __future__ import annotations
 
+import inspect
+
 import numba
 import numpy as np
 
 from steinpix import features
 from steinpix.features import FeatureSelection
 from steinpix.forest import Classifier, _block_state, _classify_span
+from steinpix.kernel_cache import depend_on_sources
 
 __all__ = ["classify"]
 
@@ -41,6 +44,12 @@ def _classify_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfus
             continue
         _classify_span(ff, out_channel, state, scratch.reshape(-1), n_feat, width, 0, width,
                        out[y - out_y0])
+
+
+# The kernel compiles in the feature and forest code: its cached machine code must be redone
+# when their files change, not only when this one does.
+depend_on_sources(_classify_rows, inspect.getfile(features._row_features.py_func),
+                  inspect.getfile(_classify_span.py_func))
 
 
 def classify(
