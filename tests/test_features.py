@@ -420,17 +420,20 @@ def test_halo_and_sizes_of_the_pretrained_selection():
 def test_thread_count_does_not_change_results():
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs two numba threads")
-    img = random_image((2, 77, 50), seed=6)
-    sel = pretrained_selection()
+    one, two = with_one_and_two_threads(random_image((2, 77, 50), seed=6), pretrained_selection())
+    assert np.array_equal(one, two)
+
+
+def with_one_and_two_threads(img, sel):
+    """compute_features with one numba thread, then with two."""
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
         one = compute_features(img, sel)
         numba.set_num_threads(2)
-        two = compute_features(img, sel)
+        return one, compute_features(img, sel)
     finally:
         numba.set_num_threads(before)
-    assert np.array_equal(one, two)
 
 
 def test_out_buffer_is_filled_and_returned():
@@ -662,13 +665,6 @@ def test_one_plane_shared_by_threads_equals_one_thread():
         pytest.skip("needs two numba threads")
     img = random_image((1, 90, 70), seed=7)
     sel = selection(scales=(3.5,))
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = compute_features(img, sel)
-        numba.set_num_threads(2)
-        two = compute_features(img, sel)
-    finally:
-        numba.set_num_threads(before)
+    one, two = with_one_and_two_threads(img, sel)
     assert np.array_equal(one, two)
     assert np.array_equal(one, spec_features(img, sel))
