@@ -486,6 +486,13 @@ def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[
 def _write_tiff(path: str | os.PathLike, shape: tuple[int, int, int],
                 strips: Iterable[np.ndarray], dtype: np.dtype | type = np.uint16) -> None:
     """Write (Y, X, C) rows of ``dtype`` arriving in strips as an LZW TIFF, atomically."""
+    with atomic_output(path) as tmp:
+        _encode_tiff(tmp, shape, strips, dtype)
+
+
+def _encode_tiff(path: str | os.PathLike, shape: tuple[int, int, int],
+                 strips: Iterable[np.ndarray], dtype: np.dtype | type) -> None:
+    """Write (Y, X, C) rows of ``dtype`` arriving in strips as an LZW TIFF at ``path``."""
     height, width, n_channels = shape
     row_bytes = np.dtype(dtype).itemsize * width * n_channels
     rows_per_strip = max(1, min(height, TIFF_STRIP_BYTES // row_bytes))
@@ -494,9 +501,8 @@ def _write_tiff(path: str | os.PathLike, shape: tuple[int, int, int],
     else:
         photometric = "rgb" if n_channels == 3 else "minisblack"
         options = {"shape": shape, "photometric": photometric, "planarconfig": "contig"}
-    with atomic_output(path) as tmp:
-        tifffile.imwrite(tmp, _tiff_strips(strips, rows_per_strip), dtype=dtype,
-                         compression="lzw", rowsperstrip=rows_per_strip, **options)
+    tifffile.imwrite(path, _tiff_strips(strips, rows_per_strip), dtype=dtype,
+                     compression="lzw", rowsperstrip=rows_per_strip, **options)
 
 
 def write_probabilities(path: str | os.PathLike, probs: np.ndarray) -> None:
@@ -541,7 +547,7 @@ class _TiffSink:
 
     def _write(self, shape: tuple[int, int, int], dtype: np.dtype | type) -> None:
         try:
-            _write_tiff(self._tmp, shape, self._strips(), dtype)
+            _encode_tiff(self._tmp, shape, self._strips(), dtype)  # renamed by commit()
         except BaseException as exc:  # handed to the caller in put/close
             self._error = exc
 
