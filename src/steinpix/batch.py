@@ -318,19 +318,29 @@ _compile_notice = threading.Event()
 class _Started:
     """An image whose probabilities are computed and whose files are still being written."""
 
-    def __init__(self, img_file: Path, outputs: tuple[Path, ...], pending, start: float):
-        self.img_file, self.outputs, self.pending, self.start = img_file, outputs, pending, start
+    def __init__(self, img_file: Path, outputs: tuple[Path, ...], pending, seconds: float):
+        self.img_file, self.outputs, self.pending = img_file, outputs, pending
+        self.seconds = seconds  # of the computation; the next image's is not counted
 
     def finish(self) -> ImageResult:
-        """Put the files in place; a failure to write them is the image's error."""
+        """Put the files in place; a failure to write them (e.g. a full disk) is the image's
+        error."""
+        start = time.perf_counter()
         try:
             with reading(self.img_file):
                 self.pending.finish()
-        except SteinpixError as e:
-            return ImageResult(self.img_file, self.outputs, str(e))
-        except OSError as e:  # e.g. a full disk
-            return ImageResult(self.img_file, self.outputs, f"{self.img_file}: {e.strerror or e}")
-        return ImageResult(self.img_file, self.outputs, None, time.perf_counter() - self.start)
+        except (SteinpixError, OSError) as e:
+            return _failed(self.img_file, self.outputs, e)
+        seconds = self.seconds + time.perf_counter() - start
+        return ImageResult(self.img_file, self.outputs, None, seconds)
+
+
+def _failed(img_file: Path, outputs: tuple[Path, ...], error: Exception) -> ImageResult:
+    """The result of an image stopped by a SteinpixError or an OSError (e.g. a damaged chunk
+    deep inside an HDF5 file, a full disk)."""
+    if isinstance(error, SteinpixError):
+        return ImageResult(img_file, outputs, str(error))
+    return ImageResult(img_file, outputs, f"{img_file}: {error.strerror or error}")
 
 
 def _start_builtin(job: Job, img_file: Path) -> _Started | ImageResult:
@@ -351,11 +361,9 @@ def _start_builtin(job: Job, img_file: Path) -> _Started | ImageResult:
                 strip_bytes=job.strip_bytes,
                 exports={name: output_path(img_file, folder) for name, folder in job.exports},
             )
-    except SteinpixError as e:
-        return ImageResult(img_file, outputs, str(e))
-    except OSError as e:  # e.g. a damaged chunk deep inside an HDF5 file
-        return ImageResult(img_file, outputs, f"{img_file}: {e.strerror or e}")
-    return _Started(img_file, outputs, pending, start)
+    except (SteinpixError, OSError) as e:
+        return _failed(img_file, outputs, e)
+    return _Started(img_file, outputs, pending, time.perf_counter() - start)
 
 
 def _classify_builtin(job: Job, img_file: Path) -> ImageResult:
