@@ -17,10 +17,11 @@ Fresh processes, taking turns (A/B/C/D, A/B/C/D, ...), minimum and median over `
   phase below): its wall time is the fixed cost of a command plus that;
 - ``phases``: one process doing what the command does, step by step, with a clock after each:
   ``cli imports`` (click and the command modules), ``engine imports`` (numpy, h5py, numba
-  as ``run`` imports it, tifffile, the engine's modules), ``numba init`` (what ``run`` calls
-  before the batch),
-  ``project`` (``batch.choose_engine``: opening, checking and loading the project),
-  ``kernels`` (the first image minus the second: loading numba's cached machine code) and
+  as ``run`` imports it, tifffile, the engine's modules; since ``collector_paused``, with
+  Python's garbage collector paused as ``run`` pauses it), ``numba init`` (what ``run`` calls
+  before the batch), ``project`` (``batch.choose_engine``: opening, checking and loading the
+  project), ``kernels`` (the first image minus the second: loading numba's cached machine
+  code) and
   ``compute`` (the second image: compute and TIFF write). ``start`` is the time from the
   process's start (taken by this script just before it spawns it) to the probe's first line.
 
@@ -65,18 +66,25 @@ def mark(name):
 import steinpix._cli.main
 import steinpix._cli.run
 mark("cli imports")
+import contextlib
 from pathlib import Path
-if hasattr(steinpix._cli.run, "import_numba"):  # as run_cmd does (trees of other versions)
+from steinpix._cli import utils
+startup = contextlib.ExitStack()
+if hasattr(utils, "collector_paused"):  # as run_cmd does (the checks: trees of other versions)
+    utils.in_executable()
+    startup.enter_context(utils.collector_paused())
+if hasattr(steinpix._cli.run, "import_numba"):
     steinpix._cli.run.import_numba()
 from steinpix import batch, engine
 mark("engine imports")
-try:  # as _cli.run._run does before a local batch
+try:  # as run does before a local batch
     engine.init_numba()
 except TypeError:  # before 706dc56
     engine.init_numba(linalg=False)
 mark("numba init")
 ilp, img, out_dir = map(Path, sys.argv[2:5])
 chosen, profile = batch.choose_engine("builtin", ilp, None, "auto")
+startup.close()
 mark("project")
 job = batch.Job(ilp=ilp, out_dir=out_dir, engine=chosen, profile=profile)
 batch.prepare_outputs(job)

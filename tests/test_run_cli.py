@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -55,6 +56,17 @@ def test_default_run_is_bit_identical_to_ilastik(workdir):
         f"ilastik_probabilities/{name}" for name in outputs(workdir)
     ]
     assert "[3/3]" in result.stderr
+
+
+@pytest.mark.parametrize("project", ["pixel_classifier.ilp", "broken.ilp"])
+def test_the_garbage_collector_is_back_after_the_start_up(workdir, project):
+    # run pauses the collector while it starts; called from Python (not as the executable),
+    # it neither leaves it paused nor freezes the caller's objects, also after an error
+    (workdir / "broken.ilp").write_bytes(b"not HDF5")
+    frozen = gc.get_freeze_count()
+    result = run("--ilp", project)
+    assert result.exit_code == (2 if project == "broken.ilp" else 0), result.output
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
 
 
 def test_rerun_skips_finished_outputs_and_overwrite_recomputes(workdir):

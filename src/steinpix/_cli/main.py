@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-from steinpix._cli.utils import exit_quickly
+from steinpix._cli.utils import exit_quickly, in_executable
 
 
 def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -74,6 +74,7 @@ main.lazy["apps"] = "steinpix._cli.apps:apps_group"
 def cli() -> None:
     """The ``steinpix`` executable: :func:`main`, ending quickly where the command allows it
     (:func:`steinpix._cli.utils.exit_quickly`)."""
+    in_executable()
     try:
         main()
     except SystemExit as exc:

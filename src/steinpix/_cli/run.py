@@ -14,6 +14,7 @@ from click.core import ParameterSource
 from steinpix import batch, progress
 from steinpix._cli.utils import (
     allow_quick_exit,
+    collector_paused,
     ilastik_binary_option,
     ilp_option,
     one_line_errors,
@@ -208,40 +209,45 @@ def run_cmd(
     overwrite: bool,
 ) -> None:
     ilp = Path(ilastik_project_file)
-    if engine in ("builtin", "auto"):
-        import_numba()
-    img_files = image_files(img_files, ilastik_img_dir, click.get_current_context())
-    requested = {"uncertainty": uncertainty_dir, "segmentation": segmentation_dir}
-    exports = tuple((name, Path(d)) for name, d in requested.items() if d is not None)
-    batch.check_output_dirs(Path(ilastik_probab_dir), exports)
-    address = dask_address(dask_address_option, dask_scheduler_file)
-    if address is not None and engine == "docker":
-        raise SteinpixError(
-            "--engine docker does not run on Dask workers; use --engine builtin, or ilastik "
-            "installed on every worker",
-            exit_code=2,
-        )
-    chosen, profile = batch.choose_engine(engine, ilp, ilastik_binary, profile)
-    binary = None
-    if chosen == "ilastik":
-        from steinpix.runners import find_ilastik
+    with collector_paused():  # the start-up: imports, the project, numba's runtime
+        if engine in ("builtin", "auto"):
+            import_numba()
+        img_files = image_files(img_files, ilastik_img_dir, click.get_current_context())
+        requested = {"uncertainty": uncertainty_dir, "segmentation": segmentation_dir}
+        exports = tuple((name, Path(d)) for name, d in requested.items() if d is not None)
+        batch.check_output_dirs(Path(ilastik_probab_dir), exports)
+        address = dask_address(dask_address_option, dask_scheduler_file)
+        if address is not None and engine == "docker":
+            raise SteinpixError(
+                "--engine docker does not run on Dask workers; use --engine builtin, or "
+                "ilastik installed on every worker",
+                exit_code=2,
+            )
+        chosen, profile = batch.choose_engine(engine, ilp, ilastik_binary, profile)
+        binary = None
+        if chosen == "ilastik":
+            from steinpix.runners import find_ilastik
 
-        binary = find_ilastik(ilastik_binary)
-    job = batch.Job(
-        ilp=ilp,
-        out_dir=Path(ilastik_probab_dir),
-        engine=chosen,
-        # steinbock accepts 0 for both; it means "no limit"
-        threads=num_threads or None,
-        mem=memory_limit or None,
-        profile=profile,
-        chunk=chunk,
-        ilastik=binary,
-        docker_image=docker_image,
-        exports=exports,
-    )
-    batch.prepare_outputs(job)
-    pending = batch.pending_images(job, img_files, overwrite)
+            binary = find_ilastik(ilastik_binary)
+        job = batch.Job(
+            ilp=ilp,
+            out_dir=Path(ilastik_probab_dir),
+            engine=chosen,
+            # steinbock accepts 0 for both; it means "no limit"
+            threads=num_threads or None,
+            mem=memory_limit or None,
+            profile=profile,
+            chunk=chunk,
+            ilastik=binary,
+            docker_image=docker_image,
+            exports=exports,
+        )
+        batch.prepare_outputs(job)
+        pending = batch.pending_images(job, img_files, overwrite)
+        if pending and chosen == "builtin" and address is None:
+            from steinpix import engine as builtin
+
+            builtin.init_numba()  # lets the kernels load without numba's whole target
     if not pending:
         return
 
@@ -252,21 +258,17 @@ def run_cmd(
                 click.echo(output)
 
     with progress.bar("run", total=len(pending)):
-        failed = _run(job, pending, address, chosen, report)
+        failed = _run(job, pending, address, report)
     if failed:
         raise batch.failure_error(failed, len(pending))
 
 
 def _run(
-    job: batch.Job, pending: list[Path], address: str | None, chosen: str, report
+    job: batch.Job, pending: list[Path], address: str | None, report
 ) -> list[batch.ImageResult]:
     """The batch, locally or on the Dask cluster at ``address``; returns the failed images."""
     if address is None:
         allow_quick_exit()  # nothing of this process outlives the batch
-        if chosen == "builtin":
-            from steinpix import engine
-
-            engine.init_numba()  # loads the compiled kernels without numba's whole target
         failed = batch.run_batch(job, pending, on_result=report)
     else:
         from steinpix import cluster
