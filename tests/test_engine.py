@@ -270,6 +270,30 @@ print(cached, "numba.np.linalg" in sys.modules or entrypoints._already_initializ
 """
 
 
+LINK_LAZILY = """
+import numba
+from steinpix import engine, features
+engine.init_numba()
+print(features._mirror(-3, 10), features._mirror(12, 10))  # from numba's cache when warm
+library = next(iter(features._mirror.overloads.values())).library
+@numba.njit
+def twice(j, n):  # compiled here: links against the cached kernel's library
+    return features._mirror(j, n) * 2
+print(twice(-3, 10), type(library).__name__.startswith("Lazy"))
+"""
+
+
+def test_a_kernel_loaded_without_its_link_module_can_be_linked_against():
+    # kernel_cache.defer_link_modules: the bitcode is parsed when a compilation needs it
+    for _ in range(2):  # the first may compile (a cold cache): nothing is loaded lazily then
+        out = subprocess.run([sys.executable, "-c", LINK_LAZILY], capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr
+        if out.stdout.split()[-1] == "True":
+            break
+    assert out.stdout.split() == ["3", "6", "6", "True"]
+
+
 def test_init_numba_runs_the_cached_kernels_without_numba_s_whole_target(tmp_path, project):
     # run's start-up: numba loads the engine's machine code from its cache without importing
     # and registering everything it could compile (numba.np.linalg is one of those modules)
