@@ -6,13 +6,21 @@ Example::
     python benchmarks/bench_run.py            # writes benchmarks/work/out/mosaic_1.tiff
     python benchmarks/bench_lzw.py
 
-Both encoders run on the same 256 KiB strips, alternating; the best and median of ``--repeat``
-runs over the whole image are printed, with the compressed sizes.
+    # against another version of the encoder, e.g. main's:
+    mkdir -p /tmp/lzw-old && git archive main src | tar -x -C /tmp/lzw-old
+    python benchmarks/bench_lzw.py --compare /tmp/lzw-old/src
+
+The encoders run on the same 256 KiB strips (the engine's TIFF strips), in turns, in this
+thread; the minimum and median of ``--repeat`` turns over the whole image are printed, in CPU
+time of this thread (steadier than wall time when other jobs share the machine), with the
+compressed sizes. With ``--compare SRC``, the ``steinpix/lzw.py`` under ``SRC`` is timed too,
+and its output is checked to be byte for byte the same as this version's.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -26,30 +34,44 @@ from steinpix.lzw import lzw_encode
 WORK = Path(__file__).resolve().parents[1] / "benchmarks" / "work"
 
 
+def load_encoder(src: Path):
+    """``lzw_encode`` of the ``steinpix/lzw.py`` under ``src`` (imported under another name)."""
+    spec = importlib.util.spec_from_file_location("lzw_compared", src / "steinpix" / "lzw.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.lzw_encode
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tiff", nargs="?", type=Path, default=WORK / "out" / "mosaic_1.tiff")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--compare", type=Path, metavar="SRC",
+                        help="also time the encoder in SRC/steinpix/lzw.py")
     args = parser.parse_args()
     probs = tifffile.imread(args.tiff)
     rows = max(1, 256 * 1024 // (probs[0].nbytes))
     strips = [np.ascontiguousarray(probs[y:y + rows]) for y in range(0, probs.shape[0], rows)]
-    encoders = {
-        "steinpix": lzw_encode,
-        "imagecodecs": lambda a: imagecodecs.lzw_encode(a.tobytes()),
-    }
-    lzw_encode(strips[0])  # load the compiled encoder
+    encoders = {"steinpix": lzw_encode}
+    if args.compare:
+        encoders[f"{args.compare}"] = load_encoder(args.compare)
+    encoders["imagecodecs"] = lambda a: imagecodecs.lzw_encode(a.tobytes())
+    for name, encode in encoders.items():  # load the compiled encoders, check the outputs
+        if name != "imagecodecs" and any(encode(s) != lzw_encode(s) for s in strips):
+            raise SystemExit(f"{name}: not the same bytes as steinpix's encoder")
     times: dict[str, list[float]] = {name: [] for name in encoders}
     sizes = {}
     for _ in range(args.repeat):
         for name, encode in encoders.items():
-            t = time.perf_counter()
+            t = time.thread_time()
             sizes[name] = sum(len(encode(s)) for s in strips)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(time.thread_time() - t)
     mb = probs.nbytes / 1e6
+    best = min(times["steinpix"])
     for name, ts in times.items():
-        print(f"{name:12s} best {min(ts):.3f} s ({mb / min(ts):.0f} MB/s), median "
-              f"{statistics.median(ts):.3f} s; {sizes[name] / 1e6:.1f} MB compressed")
+        print(f"{name:20s} best {min(ts):.3f} s ({mb / min(ts):.0f} MB/s), median "
+              f"{statistics.median(ts):.3f} s; {sizes[name] / 1e6:.2f} MB compressed; "
+              f"steinpix x{min(ts) / best:.2f} faster")
 
 
 if __name__ == "__main__":

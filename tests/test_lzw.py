@@ -54,3 +54,111 @@ def test_probabilities_compress_like_imagecodecs():
     assert imagecodecs.lzw_decode(encoded) == data
     # the same algorithm as libtiff's: within a few bytes of imagecodecs' encoder
     assert abs(len(encoded) - len(imagecodecs.lzw_encode(data))) <= 0.01 * len(encoded)
+
+
+def reference_lzw(data: bytes) -> bytes:
+    """Textbook greedy LZW with TIFF's rules, written for clarity, not speed: a dict of byte
+    strings; codes written most significant bit first; Clear first; the width grows from 9 to
+    12 bits when the next code to assign needs one more bit ("early change"); Clear when that
+    code would be 4095; the last code grows the decoder's table once more (so it may widen
+    EOI); EOI last; zero bits pad the last byte."""
+    codes: list[tuple[int, int]] = [(256, 9)]  # (code, width)
+    width, next_code = 9, 258
+    table = {bytes([b]): b for b in range(256)}
+    start = 0  # the current string is data[start:i]
+    for i in range(1, len(data)):
+        if data[start:i + 1] in table:
+            continue
+        codes.append((table[data[start:i]], width))
+        table[data[start:i + 1]] = next_code
+        next_code += 1
+        start = i
+        if next_code == 4095:
+            codes.append((256, width))
+            table = {bytes([b]): b for b in range(256)}
+            width, next_code = 9, 258
+        elif next_code == 1 << width:
+            width += 1
+    if data:
+        codes.append((table[data[start:]], width))
+        next_code += 1
+        if next_code == 4095:
+            codes.append((256, width))
+            width = 9
+        elif next_code == 1 << width:
+            width += 1
+    codes.append((257, width))
+    bits = "".join(format(code, f"0{w}b") for code, w in codes)
+    bits += "0" * (-len(bits) % 8)
+    return int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+def reference_table_sizes(data: bytes) -> list[int]:
+    """For every length n of ``data``, the next code the reference would assign after the
+    last string of ``data[:n]`` (i.e. the table size that decides EOI's width), from one pass."""
+    sizes = [258]
+    table = set(bytes([b]) for b in range(256))
+    next_code, start = 258, 0
+    for i in range(1, len(data)):
+        if data[start:i + 1] not in table:
+            table.add(data[start:i + 1])
+            next_code += 1
+            start = i
+            if next_code == 4095:
+                table = set(bytes([b]) for b in range(256))
+                next_code = 258
+        sizes.append(next_code + 1)
+    return sizes
+
+
+def probability_like(n_pixels: int, seed: int) -> bytes:
+    """uint16 probabilities of 3 classes as the forests' votes make them (multiples of 65535 /
+    100, summing to 65535), interleaved per pixel, in runs of equal values and noise."""
+    rng = np.random.default_rng(seed)
+    votes = np.empty((n_pixels, 3), dtype=np.int64)
+    i = 0
+    while i < n_pixels:
+        run = int(rng.geometric(0.05)) if rng.random() < 0.5 else 1
+        a = int(rng.integers(0, 101))
+        b = int(rng.integers(0, 101 - a))
+        votes[i:i + run] = a, b, 100 - a - b
+        i += run
+    return np.round(votes * 655.35).astype("<u2").tobytes()
+
+
+def assert_like_reference(data: bytes) -> None:
+    encoded = lzw_encode(data)
+    assert encoded == reference_lzw(data)
+    assert imagecodecs.lzw_decode(encoded) == data
+
+
+@pytest.mark.parametrize("data", [b"", b"a", b"ab", b"aaaa", b"abababababab", bytes(range(256)),
+                                  bytes(5000)])
+def test_short_inputs_equal_the_reference(data):
+    assert_like_reference(data)
+
+
+def test_the_last_code_and_eoi_at_every_width_change_equal_the_reference():
+    # random bytes add a code for nearly every byte: the table crosses 511/512, 1023/1024,
+    # 2047/2048 and its restart at 4095 within 4400 bytes; end the data at, just before and just
+    # after each of these table sizes, where the last code and EOI change width or need a Clear
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, 4400, dtype=np.uint8).tobytes()
+    sizes = reference_table_sizes(data)
+    edges = [n for n, size in enumerate(sizes)
+             if any(abs(size - edge) <= 2 for edge in (258, 512, 1024, 2048, 4095))]
+    assert len(edges) > 20
+    for n in edges:
+        assert_like_reference(data[:n])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_probability_like_inputs_equal_the_reference(seed):
+    # several table restarts (Clear codes) with long runs and short noise
+    assert_like_reference(probability_like(30_000, seed))
+
+
+def test_real_probabilities_equal_the_reference():
+    reference = TEST_DATA / "reference" / "ilastik_probabilities"
+    probs = tifffile.imread(sorted(reference.glob("*.tiff"))[1])
+    assert_like_reference(probs.tobytes())
