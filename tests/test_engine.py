@@ -266,7 +266,8 @@ for profile in ("133", "14x"):
     engine.predict_file(sys.argv[2], f"{sys.argv[3]}/{profile}.tiff", classifier, selection,
                         profile, exports={"uncertainty": f"{sys.argv[3]}/u{profile}.tiff"})
 from numba.core import entrypoints
-print(cached, "numba.np.linalg" in sys.modules or entrypoints._already_initialized)
+print(cached, "numba.np.linalg" in sys.modules or "numba.np.arrayobj" in sys.modules
+      or entrypoints._already_initialized)
 """
 
 
@@ -284,7 +285,7 @@ print(twice(-3, 10), type(library).__name__.startswith("Lazy"))
 
 
 def test_a_kernel_loaded_without_its_link_module_can_be_linked_against():
-    # kernel_cache.defer_link_modules: the bitcode is parsed when a compilation needs it
+    # kernel_cache.prepare_lazy_loading: the bitcode is parsed when a compilation needs it
     for _ in range(2):  # the first may compile (a cold cache): nothing is loaded lazily then
         out = subprocess.run([sys.executable, "-c", LINK_LAZILY], capture_output=True,
                              text=True)
@@ -294,10 +295,39 @@ def test_a_kernel_loaded_without_its_link_module_can_be_linked_against():
     assert out.stdout.split() == ["3", "6", "6", "True"]
 
 
+SAVE_AFTER_LAZY_LOADING = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from numba.core import environment
+from steinpix import engine, features
+engine.init_numba()
+features._mirror(-3, 10)  # loaded lazily from numba's cache when warm
+import user_kernel  # compiled and saved into numba's cache by this process
+print(user_kernel.total(3), environment._rebuild_env.__module__)
+"""
+
+
+def test_caches_written_after_lazy_loading_are_numba_s_own(tmp_path):
+    # kernel_cache.loading_lazily puts its _rebuild_env into numba's module only while it
+    # loads: a kernel compiled and cached later must not refer to steinpix's function (its
+    # cache would not load where steinpix's lazy loading is not set up)
+    (tmp_path / "user_kernel.py").write_text(
+        "import numba\n\n@numba.njit(cache=True)\ndef total(n):\n    return sum(range(n))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", SAVE_AFTER_LAZY_LOADING, str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "numba.core.environment"]
+    (data,) = (tmp_path / "__pycache__").glob("user_kernel.total-*.nbc")
+    assert b"numba.core.environment" in data.read_bytes()
+    assert b"kernel_cache" not in data.read_bytes()
+
+
 def test_init_numba_runs_the_cached_kernels_without_numba_s_whole_target(tmp_path, project):
     # run's start-up: numba loads the engine's machine code from its cache without importing
-    # and registering everything it could compile (numba.np.linalg is one of those modules)
-    # and without initialising the numba extensions of every installed package
+    # and registering everything it could compile (numba.np.linalg is one of those modules),
+    # without initialising the numba extensions of every installed package, and without
+    # importing the modules of the numba functions compiled into them (numba.np.arrayobj)
     img = IN_REPO_IMAGES[0]
     (tmp_path / "sub").mkdir()
     for _ in range(2):  # the first may compile (a cold cache), which needs the whole target

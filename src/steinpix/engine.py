@@ -31,7 +31,7 @@ from steinpix.features import FeatureSelection, feature_names
 from steinpix.forest import Classifier, load_classifier
 from steinpix.fused import classify
 from steinpix.images import IMG_DATASET
-from steinpix.kernel_cache import defer_link_modules, link_modules_deferred
+from steinpix.kernel_cache import loading_lazily, prepare_lazy_loading
 from steinpix.lzw import lzw_encode
 from steinpix.outputs import is_finished, output_path
 
@@ -114,7 +114,7 @@ def init_numba() -> None:
 
             with global_compiler_lock:  # as numba initialises its runtime
                 rtsys.initialize(context)
-            defer_link_modules(context.codegen())
+            prepare_lazy_loading(context.codegen())
             for kernel in kernels:
                 kernel._cache.load_overload = functools.partial(_load_cached, kernel._cache)
                 kernel._compilation_chain_init_hook = _no_extensions_yet
@@ -149,10 +149,10 @@ def _no_extensions_yet() -> None:
 
 def _load_cached(cache, signature, target_context):
     """numba's ``Cache.load_overload`` without its refresh of the whole target: the kernel's
-    machine code from the cache (its link module parsed only if needed:
-    :func:`steinpix.kernel_cache.defer_link_modules`), or None, after initialising numba's
-    extensions (numba then compiles, preparing the target itself)."""
-    with link_modules_deferred():
+    machine code from the cache (lazily: :func:`steinpix.kernel_cache.prepare_lazy_loading`),
+    or None, after initialising numba's extensions (numba then compiles, preparing the target
+    itself)."""
+    with loading_lazily():
         result = cache._load_overload(signature, target_context)
     if result is None:
         from numba.core import entrypoints
