@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import tifffile
 
-from steinpix import features, progress
+from steinpix import features, progress, workers
 from steinpix.atomic import atomic_output, temporary_sibling
 from steinpix.errors import SteinpixError
 from steinpix.exports import EXPORTS, export_uint16
@@ -66,6 +66,9 @@ STRIP_BYTES = 512 * 1024**2
 STRIP_PIXELS = 1_000_000
 # Uncompressed size of one TIFF strip of the output.
 TIFF_STRIP_BYTES = 256 * 1024
+# TIFF strips at most waiting to be encoded, per file (32 MiB of rows with the above; a
+# 2000 x 2000 image with 3 classes has 92).
+MAX_ENCODING = 128
 
 
 def kernels_cached() -> bool:
@@ -469,34 +472,41 @@ def _row_chunks(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[n
         yield np.ascontiguousarray(np.concatenate(pending, axis=0))
 
 
-def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[bytes]:
+def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int,
+                 n_threads: int) -> Iterator[bytes]:
     """LZW-encoded TIFF strips of ``rows_per_strip`` rows from arrays of any row count.
 
-    Encoding runs in background threads (the numba encoder releases the GIL), so a strip's
-    compression overlaps with the computation of the next one; order is kept. As many threads
-    as the engine computes with: while it computes they share the cores with it, and after the
-    last strip (nothing left to compute) they encode its rows in parallel.
+    The strips are encoded by the engine's worker threads (:mod:`steinpix.workers`) after any
+    computation queued there, so encoding fills the time the computation leaves free, and
+    after the last strip the rows are encoded in parallel; order is kept. At most
+    :data:`MAX_ENCODING` strips wait: then this waits, and so, once the writer's queue is
+    full, does the computation, which bounds the memory held.
     """
-    queue: collections.deque[Future] = collections.deque()
-    with ThreadPoolExecutor(max(1, numba.get_num_threads())) as pool:
+    pool = workers.pool(n_threads)
+    waiting: collections.deque[Future] = collections.deque()
+    try:
         for rows in _row_chunks(strips, rows_per_strip):
-            queue.append(pool.submit(lzw_encode, rows))
-            while queue and queue[0].done():
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
+            waiting.append(pool.submit(lzw_encode, rows, priority=workers.ENCODE))
+            while waiting and (waiting[0].done() or len(waiting) >= MAX_ENCODING):
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
+    finally:  # stopped early: drop the strips not yet encoded
+        for future in waiting:
+            future.cancel()
 
 
 def _write_tiff(path: str | os.PathLike, shape: tuple[int, int, int],
                 strips: Iterable[np.ndarray], dtype: np.dtype | type = np.uint16) -> None:
     """Write (Y, X, C) rows of ``dtype`` arriving in strips as an LZW TIFF, atomically."""
     with atomic_output(path) as tmp:
-        _encode_tiff(tmp, shape, strips, dtype)
+        _encode_tiff(tmp, shape, strips, dtype, numba.get_num_threads())
 
 
 def _encode_tiff(path: str | os.PathLike, shape: tuple[int, int, int],
-                 strips: Iterable[np.ndarray], dtype: np.dtype | type) -> None:
-    """Write (Y, X, C) rows of ``dtype`` arriving in strips as an LZW TIFF at ``path``."""
+                 strips: Iterable[np.ndarray], dtype: np.dtype | type, n_threads: int) -> None:
+    """Write (Y, X, C) rows of ``dtype`` arriving in strips as an LZW TIFF at ``path``,
+    encoded in the ``n_threads`` worker threads."""
     height, width, n_channels = shape
     row_bytes = np.dtype(dtype).itemsize * width * n_channels
     rows_per_strip = max(1, min(height, TIFF_STRIP_BYTES // row_bytes))
@@ -505,7 +515,7 @@ def _encode_tiff(path: str | os.PathLike, shape: tuple[int, int, int],
     else:
         photometric = "rgb" if n_channels == 3 else "minisblack"
         options = {"shape": shape, "photometric": photometric, "planarconfig": "contig"}
-    tifffile.imwrite(path, _tiff_strips(strips, rows_per_strip), dtype=dtype,
+    tifffile.imwrite(path, _tiff_strips(strips, rows_per_strip, n_threads), dtype=dtype,
                      compression="lzw", rowsperstrip=rows_per_strip, **options)
 
 
@@ -540,7 +550,9 @@ class _TiffSink:
         self._tmp = temporary_sibling(self.path)
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._write, args=(shape, dtype), daemon=True)
+        # numba's thread count is per thread: the caller's (``run --threads``) applies
+        args = (shape, dtype, numba.get_num_threads())
+        self._thread = threading.Thread(target=self._write, args=args, daemon=True)
         self._thread.start()
 
     def _strips(self) -> Iterator[np.ndarray]:
@@ -549,9 +561,10 @@ class _TiffSink:
                 raise item
             yield item
 
-    def _write(self, shape: tuple[int, int, int], dtype: np.dtype | type) -> None:
+    def _write(self, shape: tuple[int, int, int], dtype: np.dtype | type,
+               n_threads: int) -> None:
         try:
-            _encode_tiff(self._tmp, shape, self._strips(), dtype)  # renamed by commit()
+            _encode_tiff(self._tmp, shape, self._strips(), dtype, n_threads)  # see commit()
         except BaseException as exc:  # handed to the caller in put/close
             self._error = exc
 

@@ -31,9 +31,9 @@ The results do not depend on the thread count or on how the rows are chunked.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import queue
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import h5py
@@ -44,7 +44,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from steinpix import project
+from steinpix import project, workers
 from steinpix.errors import SteinpixError
 
 __all__ = [
@@ -1708,18 +1708,18 @@ def _feature_margin(selection: FeatureSelection) -> int:
 
 
 class Runner:
-    """Run a nogil kernel on several argument tuples at once, in a thread pool."""
+    """Run a nogil kernel on several argument tuples at once, in the engine's worker threads
+    (:mod:`steinpix.workers`), ahead of any TIFF encoding queued there."""
 
     def __init__(self, n_threads: int) -> None:
         self.n_threads = n_threads
-        self._pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
+        self._pool = workers.pool(n_threads) if n_threads > 1 else None
 
     def __enter__(self) -> Runner:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
+        pass
 
     def chunks(self, a: int, b: int) -> list[tuple[int, int]]:
         """Rows a..b cut into one contiguous chunk per thread."""
@@ -1732,8 +1732,13 @@ class Runner:
                 kernel(*args)
             return
         futures = [self._pool.submit(kernel, *args) for args in arg_tuples]
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:
+                future.result()
+        finally:  # on an error, no job may still write into the caller's buffers afterwards
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
 
 
 def _check_size(selection: FeatureSelection, height: int, width: int) -> None:
