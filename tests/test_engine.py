@@ -97,13 +97,15 @@ def test_strips_give_the_same_result_as_one_strip(project):
     )
 
 
-def strip_bytes(rows: int, width: int, halo: int) -> int:
-    """Working memory of a strip of the pretrained project (4 channels, 5 scales, 3 labels):
-    probabilities (float32 and uint16) of the output rows; input, presmoothed planes and one
-    temporary plane of the rows with their halo; per thread one row of 160 features and 9 ring
-    buffers of 7 rows per (channel, scale)."""
+def strip_bytes(rows: int, width: int, halo: int, in_flight: int = 1) -> int:
+    """Working memory of the strips of the pretrained project (4 channels, 5 scales, 3
+    labels): probabilities (float32 and uint16) of the output rows; of the rows with their
+    halo, the input and the presmoothed planes of each strip in flight and one temporary plane
+    per thread; per thread one row of 160 features and 9 ring buffers of 7 rows per (channel,
+    scale)."""
+    threads = numba.config.NUMBA_NUM_THREADS
     output_rows = rows * width * 6 * 3
-    halo_rows = (rows + 2 * halo) * width * 4 * (4 * (5 + 1) + 1)
+    halo_rows = (rows + 2 * halo) * width * 4 * (in_flight * 4 * (5 + 1) + threads)
     return output_rows + halo_rows + width * 4 * (160 + 20 * 9 * 7) * numba.config.NUMBA_NUM_THREADS
 
 
@@ -121,6 +123,9 @@ def test_strip_rows_fit_the_memory_budget(project):
     rows = engine.strip_rows(8000, 2000, 4, selection, 3)
     assert selection.min_size() <= rows < 8000
     assert strip_bytes(rows, 2000, selection.halo()) <= engine.STRIP_BYTES
+    rows2 = engine.strip_rows(8000, 2000, 4, selection, 3, in_flight=2)
+    assert selection.min_size() <= rows2 < rows
+    assert strip_bytes(rows2, 2000, selection.halo(), in_flight=2) <= engine.STRIP_BYTES
     assert engine.strip_rows(8000, 2000, 4, selection, 3, max_bytes=engine.STRIP_BYTES // 4) < rows
     assert engine.strip_rows(100, 120, 4, selection, 3) == 100
 

@@ -58,3 +58,38 @@ def test_fused_equals_features_then_forest_with_walked_trees(tmp_path, image_and
     assert synthetic.flat.votes == pure and synthetic.flat.walked.size == 2
     got = fused.classify(img, selection, synthetic)
     np.testing.assert_array_equal(got, two_step(synthetic, features))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_strips_one_after_the_other_equal_the_whole_image(image_and_features, overlap):
+    """classify_strips (the next strip presmoothed while this one's rows are computed, two sets
+    of planes taking turns, one output buffer for all) gives the whole image's bits."""
+    classifier, selection, img, features = image_and_features
+    halo, height = selection.halo(), img.shape[1]
+    buffer = np.full((30, img.shape[2], classifier.n_outputs), np.nan, dtype=np.float32)
+    cuts = [0, 30, 47, 77, height]  # uneven strips, each with its halo clipped at the border
+
+    def strips():
+        for y0, y1 in zip(cuts, cuts[1:], strict=False):
+            a, b = max(0, y0 - halo), min(height, y1 + halo)
+            yield img[:, a:b].copy(), (y0 - a, y1 - a), buffer[:y1 - y0]
+
+    got = [out.copy() for out in fused.classify_strips(strips(), selection, classifier,
+                                                        overlap=overlap)]
+    np.testing.assert_array_equal(np.concatenate(got), two_step(classifier, features))
+
+
+def test_a_bad_strip_stops_the_strips_with_its_error(image_and_features):
+    classifier, selection, img, _ = image_and_features
+    good = (img, (0, 20), np.empty((20, img.shape[2], classifier.n_outputs), np.float32))
+    bad = (img[:3], (0, 20), good[2])  # a channel missing: the features do not match
+    strips = fused.classify_strips(iter([good, bad]), selection, classifier)
+    with pytest.raises(ValueError, match="feature columns"):
+        list(strips)
+
+
+def test_only_strips_that_fit_the_budget_twice_are_overlapped():
+    classifier, selection = engine.load_project(PROJECT)
+    assert engine._strip_height((4, 2000, 2000), classifier, selection, None) == (500, True)
+    rows, overlap = engine._strip_height((4, 3000, 25_000), classifier, selection, None)
+    assert not overlap and rows == engine.strip_rows(3000, 25_000, 4, selection, 3)

@@ -29,7 +29,7 @@ from steinpix.errors import SteinpixError
 from steinpix.exports import EXPORTS, export_uint16
 from steinpix.features import FeatureSelection, feature_names
 from steinpix.forest import Classifier, load_classifier
-from steinpix.fused import classify
+from steinpix.fused import classify_strips
 from steinpix.images import IMG_DATASET
 from steinpix.kernel_cache import loading_lazily, prepare_lazy_loading
 from steinpix.lzw import lzw_encode
@@ -297,8 +297,8 @@ def check_compatible(img_shape: tuple[int, ...], classifier: Classifier,
 
 
 def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelection,
-               n_outputs: int, max_bytes: int | None = None) -> int:
-    """Output rows per strip so that one strip's working memory stays within ``max_bytes``.
+               n_outputs: int, max_bytes: int | None = None, in_flight: int = 1) -> int:
+    """Output rows per strip so that the strips' working memory stays within ``max_bytes``.
 
     Parameters
     ----------
@@ -308,7 +308,10 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
     n_outputs : int
         Output channels.
     max_bytes : int, optional
-        Memory budget of one strip; default :data:`STRIP_BYTES`.
+        Memory budget of the strips; default :data:`STRIP_BYTES`.
+    in_flight : int
+        Strips whose input and presmoothed planes are held at once: 2 when the next strip is
+        presmoothed while this one's rows are computed (:func:`steinpix.fused.classify_strips`).
 
     Returns
     -------
@@ -318,11 +321,14 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
     """
     n_features = selection.n_features(n_channels)
     n_scales = len(selection.selected_scales())
-    # per output row pixel: the float32 probabilities and their uint16 export; per pixel of the
-    # strip with its halo: the float32 input, the presmoothed planes and one temporary plane
-    # per thread. The features of one row per thread are computed and classified in the cache.
+    # per output row pixel: the float32 probabilities and their uint16 export; per pixel of a
+    # strip with its halo: its float32 input and its presmoothed planes, and one temporary plane
+    # per thread (one set, shared by the strips in flight: only one is presmoothed at a time).
+    # The next strip's input is read beside them. The features of one row per thread are
+    # computed and classified in the cache.
     per_row_pixel = 6 * n_outputs
-    per_halo_pixel = 4 * (n_channels * (n_scales + 1) + numba.config.NUMBA_NUM_THREADS)
+    per_halo_pixel = 4 * (in_flight * n_channels * (n_scales + 1)
+                          + numba.config.NUMBA_NUM_THREADS)
     # per thread: one row of features and the ring buffers of x-filtered rows of every
     # (channel, scale)
     ring_rows = features.ring_rows(selection, n_channels)
@@ -337,15 +343,22 @@ def strip_rows(height: int, width: int, n_channels: int, selection: FeatureSelec
 
 def _strip_height(shape: tuple[int, int, int], classifier: Classifier,
                   selection: FeatureSelection, max_pixels_per_strip: int | None,
-                  strip_bytes: int | None = None) -> int:
+                  strip_bytes: int | None = None) -> tuple[int, bool]:
+    """Output rows per strip, and whether the next strip may be presmoothed while this one's
+    rows are computed: only when that does not make the strips thinner."""
     n_channels, height, width = shape
-    rows = strip_rows(height, width, n_channels, selection, classifier.n_outputs, strip_bytes)
     max_pixels = STRIP_PIXELS if max_pixels_per_strip is None else max_pixels_per_strip
-    rows = max(min(rows, max_pixels // width), 1)
-    rows = min(rows, height)
-    # Same number of strips, but of even height (no thin last strip with a full halo).
-    n_strips = -(-height // rows)
-    return -(-height // n_strips)
+
+    def height_for(in_flight: int) -> int:
+        rows = strip_rows(height, width, n_channels, selection, classifier.n_outputs,
+                          strip_bytes, in_flight)
+        rows = min(max(min(rows, max_pixels // width), 1), height)
+        # Same number of strips, but of even height (no thin last strip with a full halo).
+        n_strips = -(-height // rows)
+        return -(-height // n_strips)
+
+    rows = height_for(1)
+    return rows, height_for(2) == rows
 
 
 def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profile: str = "133",
@@ -382,18 +395,20 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
                             f"got shape {img.shape}")
     check_compatible(img.shape, classifier, selection, source)
     _, height, width = img.shape
-    rows = _strip_height(img.shape, classifier, selection, max_pixels_per_strip, strip_bytes)
+    rows, overlap = _strip_height(img.shape, classifier, selection, max_pixels_per_strip,
+                                  strip_bytes)
     halo, n_out = selection.halo(), classifier.n_outputs
     # Buffer for the largest strip, reused (as a view of its first elements) by every strip.
     prob_buf = np.empty(rows * width * n_out, dtype=np.float32)
-    work = features.Workspace()  # the presmoothed planes, reused by every strip
     starts = list(range(0, height, rows))
 
     def read(y0: int) -> np.ndarray:
         return np.asarray(img[:, max(0, y0 - halo):min(height, y0 + rows + halo)])
 
-    # the next strip is read in the background (h5py releases the GIL) while this one computes
-    with ThreadPoolExecutor(1) as reader:
+    def inputs(reader: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, tuple[int, int],
+                                                             np.ndarray]]:
+        # the next strip is read in the background (h5py releases the GIL) while this one
+        # computes
         pending = reader.submit(read, starts[0])
         for i, y0 in enumerate(starts):
             strip = pending.result()
@@ -402,9 +417,12 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
             y1 = min(height, y0 + rows)
             a = max(0, y0 - halo)
             out = prob_buf[:(y1 - y0) * width * n_out].reshape(y1 - y0, width, n_out)
-            probs = classify(strip, selection, classifier, profile, rows=(y0 - a, y1 - a),
-                             out=out, work=work)
+            yield strip, (y0 - a, y1 - a), out
             del strip
+
+    with ThreadPoolExecutor(1) as reader:
+        strips = classify_strips(inputs(reader), selection, classifier, profile, overlap)
+        for i, probs in enumerate(strips):
             # Here the strip's float32 probabilities exist: extra exports are computed from them.
             if on_strip is not None:
                 on_strip(probs)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import queue
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import h5py
@@ -1614,6 +1615,19 @@ def presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan, rows: t
               unfused: bool, run: Runner, work: Workspace | None = None) -> np.ndarray:
     """Stage 1: the presmoothed planes that the feature filters of output ``rows`` read.
 
+    :func:`start_presmooth`, waiting for its jobs.
+    """
+    planes, jobs = start_presmooth(img, selection, plan, rows, unfused, run, work)
+    run.wait(jobs)
+    return planes
+
+
+def start_presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan,
+                    rows: tuple[int, int], unfused: bool, run: Runner,
+                    work: Workspace | None = None,
+                    temps: Workspace | None = None) -> tuple[np.ndarray, list[Future]]:
+    """Stage 1, queued: the planes of :func:`presmooth` and the jobs that fill them.
+
     Parameters
     ----------
     img : (C, Y, X) C-contiguous ndarray of float32
@@ -1626,12 +1640,18 @@ def presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan, rows: t
     run : Runner
     work : Workspace, optional
         Buffers to reuse (the planes returned are one of them); default: fresh ones.
+    temps : Workspace, optional
+        Where the temporary planes are taken from (default ``work``); free again once the
+        jobs are done.
 
     Returns
     -------
-    (C, S, Y, X) ndarray of float32
+    planes : (C, S, Y, X) ndarray of float32
         Planes per channel and selected scale; only the rows the features of r0..r1 read
         (r0 - margin .. r1 + margin) are computed.
+    jobs : list of Future
+        The planes are ready when these are done (:meth:`Runner.wait`); until then ``work``
+        must not be used again.
     """
     n_channels, height, width = img.shape
     r0, r1 = rows
@@ -1646,7 +1666,8 @@ def presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan, rows: t
                   key=lambda job: -plan.pre_radius[job[1]])
     if run.n_threads == 1 or len(jobs) >= 2 * run.n_threads:
         # one (channel, scale) per job, each with a temporary plane of its own: no barriers
-        temps = work.array("temps", (run.n_threads, height, width))
+        temps = (work if temps is None else temps).array("temps",
+                                                         (run.n_threads, height, width))
         free = queue.SimpleQueue()
         for tmp in temps:
             free.put(tmp)
@@ -1659,8 +1680,7 @@ def presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan, rows: t
             finally:
                 free.put(tmp)
 
-        run(one_plane, jobs)
-        return planes
+        return planes, run.submit(one_plane, jobs)
     # few planes: every plane's rows are shared by the threads
     tmp = work.array("temps", (1, height, width))[0]
     for c, s in jobs:
@@ -1669,7 +1689,7 @@ def presmooth(img: np.ndarray, selection: FeatureSelection, plan: _Plan, rows: t
         run(_xpass_rows, [(img[c], coefs, k, False, unfused, a, b, tmp) for a, b in x_rows])
         y_rows = run.chunks(p0, p1)
         run(_ypass_rows, [(tmp, coefs, k, False, a, b, planes[c, s]) for a, b in y_rows])
-    return planes
+    return planes, []
 
 
 class Workspace:
@@ -1726,19 +1746,32 @@ class Runner:
         n = self.n_threads
         return [(a + i * (b - a) // n, a + (i + 1) * (b - a) // n) for i in range(n)]
 
-    def __call__(self, kernel, arg_tuples: list[tuple]) -> None:
-        if self._pool is None:
-            for args in arg_tuples:
-                kernel(*args)
-            return
-        futures = [self._pool.submit(kernel, *args) for args in arg_tuples]
+    def submit(self, kernel, arg_tuples: list[tuple]) -> list[Future]:
+        """Queue ``kernel(*args)`` for each tuple (with one thread: run them now); the jobs."""
+        if self._pool is not None:
+            return [self._pool.submit(kernel, *args) for args in arg_tuples]
+        for args in arg_tuples:
+            kernel(*args)
+        return []
+
+    @staticmethod
+    def wait(jobs: list[Future]) -> None:
+        """Wait for the jobs; raise the first one's error once none of them runs any more."""
         try:
-            for future in futures:
-                future.result()
+            for job in jobs:
+                job.result()
         finally:  # on an error, no job may still write into the caller's buffers afterwards
-            for future in futures:
-                future.cancel()
-            concurrent.futures.wait(futures)
+            Runner.wait_quietly(jobs)
+
+    @staticmethod
+    def wait_quietly(jobs: list[Future]) -> None:
+        """Drop the jobs not started yet and wait for the others, ignoring their errors."""
+        for job in jobs:
+            job.cancel()
+        concurrent.futures.wait(jobs)
+
+    def __call__(self, kernel, arg_tuples: list[tuple]) -> None:
+        self.wait(self.submit(kernel, arg_tuples))
 
 
 def _check_size(selection: FeatureSelection, height: int, width: int) -> None:

@@ -11,6 +11,9 @@ two transposes around it, and a strip's feature buffer.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -20,7 +23,7 @@ from steinpix.features import FeatureSelection
 from steinpix.forest import Classifier, _block_state, _classify_span
 from steinpix.kernel_cache import depend_on_sources
 
-__all__ = ["classify"]
+__all__ = ["classify", "classify_strips"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -50,6 +53,41 @@ def _classify_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfus
 # when their files change, not only when this one does.
 depend_on_sources(_classify_rows, inspect.getfile(features._row_features.py_func),
                   inspect.getfile(_classify_span.py_func))
+
+
+@dataclass
+class _Strip:
+    """A strip whose presmoothing is queued, and the stage-2 jobs that will follow it."""
+
+    out: np.ndarray
+    run: features.Runner
+    presmoothing: list[Future]
+    rows_args: list[tuple]
+
+
+def _start(img: np.ndarray, selection: FeatureSelection, classifier: Classifier, profile: str,
+           rows: tuple[int, int] | None, out: np.ndarray | None,
+           work: features.Workspace | None, temps: features.Workspace | None = None) -> _Strip:
+    """Check a strip and queue its presmoothing (its planes in ``work``, its temporary planes
+    in ``temps``, default ``work``: a strip's presmoothing must have finished before the next
+    one's is queued with the same ``temps``)."""
+    img, plan, (r0, r1) = features.prepare(img, selection, profile, rows)
+    if plan.n_features != classifier.n_features:
+        raise ValueError(f"the selection gives {plan.n_features} feature columns, the "
+                         f"classifier expects {classifier.n_features}")
+    shape = (r1 - r0, img.shape[2], classifier.n_outputs)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+    unfused = profile == "14x"
+    run = features.Runner(max(1, min(numba.get_num_threads(), r1 - r0)))
+    planes, presmoothing = features.start_presmooth(img, selection, plan, (r0, r1), unfused,
+                                                    run, work, temps)
+    args = (planes, *features.stage2_args(plan), unfused)
+    forest_args = (plan.n_features, classifier.flat, classifier.output_channels, out, r0, True)
+    rows_args = [(*args, a, b, *forest_args) for a, b in run.chunks(r0, r1)]
+    return _Strip(out, run, presmoothing, rows_args)
 
 
 def classify(
@@ -94,19 +132,70 @@ def classify(
     SteinpixError
         As :func:`steinpix.features.compute_features`.
     """
-    img, plan, (r0, r1) = features.prepare(img, selection, profile, rows)
-    if plan.n_features != classifier.n_features:
-        raise ValueError(f"the selection gives {plan.n_features} feature columns, the "
-                         f"classifier expects {classifier.n_features}")
-    shape = (r1 - r0, img.shape[2], classifier.n_outputs)
-    if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
-    unfused = profile == "14x"
-    with features.Runner(max(1, min(numba.get_num_threads(), r1 - r0))) as run:
-        planes = features.presmooth(img, selection, plan, (r0, r1), unfused, run, work)
-        args = (planes, *features.stage2_args(plan), unfused)
-        forest_args = (plan.n_features, classifier.flat, classifier.output_channels, out, r0, True)
-        run(_classify_rows, [(*args, a, b, *forest_args) for a, b in run.chunks(r0, r1)])
-    return out
+    strip = _start(img, selection, classifier, profile, rows, out, work)
+    strip.run.wait(strip.presmoothing)
+    strip.run(_classify_rows, strip.rows_args)
+    return strip.out
+
+
+def classify_strips(
+    strips: Iterable[tuple[np.ndarray, tuple[int, int], np.ndarray]],
+    selection: FeatureSelection,
+    classifier: Classifier,
+    profile: str = "133",
+    overlap: bool = True,
+) -> Iterator[np.ndarray]:
+    """:func:`classify` of one strip after the other, the next one's presmoothing queued
+    behind this one's rows.
+
+    With :func:`classify` per strip, a thread that has finished its rows waits for the others,
+    and all wait while the caller reads the next strip and writes this one. Here it goes on
+    with the next strip's presmoothing (two sets of planes take turns). The results are those
+    of :func:`classify`, bit for bit.
+
+    Parameters
+    ----------
+    strips : iterable of (img, rows, out)
+        As :func:`classify`'s arguments, in turn. The next strip is taken from it while this
+        one's rows are computed. Every strip may have the same ``out``: a strip's is written
+        only after the previous strip was yielded and the caller asked for the next.
+    selection, classifier, profile
+        As for :func:`classify`.
+    overlap : bool
+        False: one strip after the other, as :func:`classify` (one set of planes: for strips
+        so wide that two sets would not fit the memory budget).
+
+    Yields
+    ------
+    (R, X, n_outputs) ndarray of float32
+        Each strip's ``out``, filled.
+    """
+    first = features.Workspace()  # its temporary planes serve both: see _start
+    works = (first, features.Workspace() if overlap else first)
+    strips = iter(strips)
+    queued: list[Future] = []  # jobs to stop and wait for if the caller stops early
+
+    def start(k: int) -> _Strip | None:
+        item = next(strips, None)
+        if item is None:
+            return None
+        img, rows, out = item
+        strip = _start(img, selection, classifier, profile, rows, out, works[k % 2], first)
+        queued.extend(strip.presmoothing)
+        return strip
+
+    try:
+        strip, k = start(0), 0
+        while strip is not None:
+            strip.run.wait(strip.presmoothing)
+            rows_jobs = strip.run.submit(_classify_rows, strip.rows_args)
+            queued[:] = rows_jobs
+            following = start(k + 1) if overlap else None
+            strip.run.wait(rows_jobs)
+            if not overlap:
+                following = start(k + 1)
+            queued[:] = [] if following is None else following.presmoothing
+            yield strip.out
+            strip, k = following, k + 1
+    finally:
+        features.Runner.wait_quietly(queued)
