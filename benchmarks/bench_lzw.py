@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def load_encoder(src: Path):
     """``lzw_encode`` of the ``steinpix/lzw.py`` under ``src`` (imported under another name)."""
     spec = importlib.util.spec_from_file_location("lzw_compared", src / "steinpix" / "lzw.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's cache finds the module of its kernels by name
     spec.loader.exec_module(module)
     return module.lzw_encode
 

@@ -16,6 +16,10 @@ things are timed in turns:
   to it: strips with their halo rows, reading the HDF5 strips, the uint16 export, LZW encoding,
   the TIFF write and the threads handing them over.
 
+With ``--lzw SRC``, a fourth run in each turn is ``predict_file`` with the TIFF LZW encoder of
+``SRC/steinpix/lzw.py`` (e.g. an older version: ``git archive main src | tar -x -C /tmp/old``),
+so two encoders' effect on the whole file is compared in the same process, in turns.
+
 The overhead is ``file - compute``, as a share of ``compute`` (issue 10 asks for at most 10 %),
 in wall time and in the process's CPU time (user + sys of all its threads: steadier than wall
 time when other jobs share the machine). Minimum and median over ``--repeat`` turns; the
@@ -25,9 +29,11 @@ compute and the file runs alternate, so a change in the machine's load hits both
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +78,24 @@ def strips_only(img: np.ndarray, classifier, selection, profile: str,
         classify(strip, selection, classifier, profile, rows=(y0 - a, y1 - a), out=out[y0:y1])
 
 
+def other_lzw_file(src: Path):
+    """``predict_file`` with the LZW encoder of ``src/steinpix/lzw.py`` instead of this one."""
+    spec = importlib.util.spec_from_file_location("lzw_other", src / "steinpix" / "lzw.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's cache finds the module of its kernels by name
+    spec.loader.exec_module(module)
+
+    def predict_file(*args) -> None:
+        own = engine.lzw_encode
+        engine.lzw_encode = module.lzw_encode
+        try:
+            engine.predict_file(*args)
+        finally:
+            engine.lzw_encode = own
+
+    return predict_file
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="*", type=Path,
@@ -80,7 +104,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--profile", default="133", choices=["133", "14x"])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--lzw", type=Path, metavar="SRC",
+                        help="also time predict_file with the LZW encoder in SRC/steinpix/lzw.py")
     args = parser.parse_args()
+    other_file = other_lzw_file(args.lzw) if args.lzw else None
     images = args.images or sorted((WORK / "img").glob("*.h5"))
     if not images:
         raise SystemExit("no images: run benchmarks/make_mosaics.py first")
@@ -94,14 +121,17 @@ def main() -> None:
             img = np.ascontiguousarray(engine.read_image(path), dtype=np.float32)
             probs = np.empty((*img.shape[1:], classifier.n_outputs), dtype=np.float32)
             compute_only(img, classifier, selection, args.profile, probs)  # warm-up
-            computes, strips, files = [], [], []
-            for _ in range(args.repeat):
+            computes, strips, files, others = [], [], [], []
+            for turn in range(args.repeat):
                 computes.append(timed(compute_only, img, classifier, selection, args.profile,
                                       probs))
                 strips.append(timed(strips_only, img, classifier, selection, args.profile,
                                     probs))
-                files.append(timed(engine.predict_file, path, out, classifier, selection,
-                                   args.profile))
+                runs = [(files, engine.predict_file), (others, other_file)]
+                for times, predict_file in runs[::-1] if turn % 2 else runs:  # A/B, B/A
+                    if predict_file is not None:
+                        times.append(timed(predict_file, path, out, classifier, selection,
+                                           args.profile))
             print(f"{path.name} {img.shape[1]} x {img.shape[2]}:")
             for i, what in enumerate(("wall", "CPU")):
                 c = [t[i] for t in computes]
@@ -115,6 +145,15 @@ def main() -> None:
                       f"{f_med:.3f}); overhead {f_min - c_min:+.3f} s = "
                       f"{(f_min - c_min) / c_min:+.1%} of the compute (medians "
                       f"{(f_med - c_med) / c_med:+.1%})", flush=True)
+                if others:
+                    o = [t[i] for t in others]
+                    o_min, o_med = min(o), statistics.median(o)
+                    print(f"  {what}: file with {args.lzw}'s LZW min {o_min:.3f} s (median "
+                          f"{o_med:.3f}); this LZW saves {o_min - f_min:+.3f} s (medians "
+                          f"{o_med - f_med:+.3f}); overhead against the strips: this LZW "
+                          f"{(f_min - s_min) / s_min:+.1%}, the other "
+                          f"{(o_min - s_min) / s_min:+.1%} (medians {(f_med - s_med) / s_med:+.1%}"
+                          f", {(o_med - s_med) / s_med:+.1%})", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
 
 
