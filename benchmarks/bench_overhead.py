@@ -5,14 +5,15 @@ Example::
     python benchmarks/make_mosaics.py
     python benchmarks/bench_overhead.py --repeat 5
 
-For every image (default: the mosaics in ``benchmarks/work/img``), in one warm process, three
+For every image (default: the mosaics in ``benchmarks/work/img``), in one warm process, these
 things are timed in turns:
 
 - *compute*: the features and forests alone (:func:`steinpix.fused.classify`) of the whole
   image in one call, from memory;
 - *strips*: the same, strip by strip as :func:`steinpix.engine.iter_strips` cuts and runs the
   image (halo rows included, the next strip presmoothed while this one's rows are computed:
-  :func:`steinpix.fused.classify_strips`), from memory;
+  :func:`steinpix.fused.classify_strips`), from memory; and the same strips one after the
+  other (``classify_strips(..., overlap=False)``), to show what that overlap gains;
 - *file*: :func:`steinpix.engine.predict_file`, i.e. the strips plus what the engine adds to
   them: reading the HDF5 strips, the uint16 export, LZW encoding, the TIFF write and the
   threads handing them over.
@@ -25,7 +26,7 @@ The overhead (issue 10 asks for at most 10 %) is printed as ``file - compute``, 
 ``compute``, and as ``file - strips``, a share of ``strips`` (the engine's own compute), in
 wall time and in the process's CPU time (user + sys of all its threads: steadier than wall
 time when other jobs share the machine). Minimum and median over ``--repeat`` turns; the
-three alternate, so a change in the machine's load hits all of them.
+runs alternate, so a change in the machine's load hits all of them.
 """
 
 from __future__ import annotations
@@ -69,11 +70,13 @@ def compute_only(img: np.ndarray, classifier, selection, profile: str,
 
 
 def strips_only(img: np.ndarray, classifier, selection, profile: str,
-                out: np.ndarray) -> None:
+                out: np.ndarray, sequential: bool = False) -> None:
     """The same, strip by strip with halos, as :func:`steinpix.engine.iter_strips` does (the
-    next strip presmoothed while this one's rows are computed, when it does so)."""
+    next strip presmoothed while this one's rows are computed, when it does so; with
+    ``sequential`` one strip after the other)."""
     _, height, _ = img.shape
     rows, overlap = engine._strip_height(img.shape, classifier, selection, None)
+    overlap = overlap and not sequential
     halo = selection.halo()
 
     def strips():
@@ -129,12 +132,14 @@ def main() -> None:
             img = np.ascontiguousarray(engine.read_image(path), dtype=np.float32)
             probs = np.empty((*img.shape[1:], classifier.n_outputs), dtype=np.float32)
             compute_only(img, classifier, selection, args.profile, probs)  # warm-up
-            computes, strips, files, others = [], [], [], []
+            computes, strips, sequentials, files, others = [], [], [], [], []
             for turn in range(args.repeat):
                 computes.append(timed(compute_only, img, classifier, selection, args.profile,
                                       probs))
                 strips.append(timed(strips_only, img, classifier, selection, args.profile,
                                     probs))
+                sequentials.append(timed(strips_only, img, classifier, selection, args.profile,
+                                         probs, True))
                 runs = [(files, engine.predict_file), (others, other_file)]
                 for times, predict_file in runs[::-1] if turn % 2 else runs:  # A/B, B/A
                     if predict_file is not None:
@@ -148,6 +153,9 @@ def main() -> None:
                 c_med, f_med = statistics.median(c), statistics.median(f)
                 s_min = min(t[i] for t in strips)
                 s_med = statistics.median(t[i] for t in strips)
+                q = [t[i] for t in sequentials]
+                print(f"  {what}: strips one after the other min {min(q):.3f} s (median "
+                      f"{statistics.median(q):.3f})")
                 print(f"  {what}: compute min {c_min:.3f} s (median {c_med:.3f}), strips min "
                       f"{s_min:.3f} s (median {s_med:.3f}), file min {f_min:.3f} s (median "
                       f"{f_med:.3f}); overhead {f_min - c_min:+.3f} s = "
