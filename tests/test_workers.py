@@ -78,6 +78,8 @@ def test_runner_error_comes_after_every_job_of_the_call_has_stopped():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+# forking a process with threads is the point here (Python 3.12+ warns about it)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_gets_pools_of_its_own():
     assert workers.pool(2).submit(int, "7").result(timeout=10) == 7
     pid = os.fork()
