@@ -3,9 +3,11 @@ and the bound on strips waiting to be encoded."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
+import weakref
 
 import imagecodecs
 import numpy as np
@@ -55,6 +57,23 @@ def test_a_job_error_reaches_its_caller_and_the_pool_goes_on():
     assert pool.submit(sum, [1, 2, 3]).result(timeout=10) == 6
 
 
+def test_an_idle_worker_keeps_nothing_of_the_jobs_it_took():
+    """A job's arrays are freed when it is done or was cancelled, not when the worker takes
+    the next job (which may come much later)."""
+    pool, release = _blocked_pool(1)
+    strips = [np.zeros(1000), np.zeros(1000)]
+    refs = [weakref.ref(strip) for strip in strips]
+    done = pool.submit(np.sum, strips[0])
+    cancelled = pool.submit(np.sum, strips[1])
+    assert cancelled.cancel()
+    release.set()
+    done.result(timeout=10)
+    del strips, done, cancelled
+    time.sleep(0.2)  # the worker takes the cancelled job, drops it and waits
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+
+
 def test_one_pool_per_thread_count():
     assert workers.pool(2) is workers.pool(2)
     assert workers.pool(3) is not workers.pool(2)
@@ -70,8 +89,8 @@ def test_runner_error_comes_after_every_job_of_the_call_has_stopped():
             raise RuntimeError("kernel failed")
         finished.append(delay)
 
-    with Runner(2) as run, pytest.raises(RuntimeError, match="kernel failed"):
-        run(kernel, [(0.0, True), (0.3, False)])
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        Runner(2)(kernel, [(0.0, True), (0.3, False)])
     time.sleep(0.01)  # (a job still running would finish well after this)
     # the slow job wrote its result before the error was raised, not into reused buffers later
     assert finished == [0.3]

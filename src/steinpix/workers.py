@@ -63,19 +63,26 @@ class PriorityPool:
 
     def _work(self) -> None:
         while True:
-            with self._ready:
-                while not self._jobs:
-                    self._ready.wait()
-                _, _, future, fn, args = heapq.heappop(self._jobs)
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # the caller gets it from the future
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-            del future, fn, args  # do not keep the job's arrays alive while waiting
+            # the job's tuple lives only during the call: nothing of it (its arrays) stays
+            # referenced while this thread waits for the next one
+            self._run(*self._next())
+
+    def _next(self) -> tuple[Future, Callable, tuple]:
+        with self._ready:
+            while not self._jobs:
+                self._ready.wait()
+            return heapq.heappop(self._jobs)[2:]
+
+    @staticmethod
+    def _run(future: Future, fn: Callable, args: tuple) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # the caller gets it from the future
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
 
 _pools: dict[int, PriorityPool] = {}
