@@ -121,13 +121,13 @@ def engine_times(img: np.ndarray, selection: FeatureSelection, classifier, profi
             y1 = min(height, y0 + rows)
             a, b = max(0, y0 - halo), min(height, y1 + halo)
             strip, plan, (r0, r1) = feat.prepare(img[:, a:b], selection, profile, (y0 - a, y1 - a))
-            with feat.Runner(numba.get_num_threads()) as run:
-                planes = feat.presmooth(strip, selection, plan, (r0, r1), profile == "14x", run,
-                                         work)
-                args = (planes, *feat.stage2_args(plan), profile == "14x")
-                extra = (plan.n_features, classifier.flat, classifier.output_channels, out, r0,
-                         forest)
-                run(fused._classify_rows, [(*args, a, b, *extra) for a, b in run.chunks(r0, r1)])
+            run = feat.Runner(numba.get_num_threads())
+            planes = feat.presmooth(strip, selection, plan, (r0, r1), profile == "14x", run,
+                                     work)
+            args = (planes, *feat.stage2_args(plan), profile == "14x")
+            extra = (plan.n_features, classifier.flat, classifier.output_channels, out, r0,
+                     forest)
+            run(fused._classify_rows, [(*args, a, b, *extra) for a, b in run.chunks(r0, r1)])
         times.append(time.perf_counter() - t0)
     return min(times[1:]), float(np.median(times[1:]))
 

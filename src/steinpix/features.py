@@ -1573,10 +1573,10 @@ def compute_features(
             f"not {out.dtype} {out.shape}"
         )
     unfused = profile == "14x"
-    with Runner(max(1, min(numba.get_num_threads(), r1 - r0))) as run:
-        planes = presmooth(img, selection, plan, (r0, r1), unfused, run)
-        args = (planes, *stage2_args(plan), unfused)
-        run(_feature_rows, [(*args, a, b, out, r0) for a, b in run.chunks(r0, r1)])
+    run = Runner(max(1, min(numba.get_num_threads(), r1 - r0)))
+    planes = presmooth(img, selection, plan, (r0, r1), unfused, run)
+    args = (planes, *stage2_args(plan), unfused)
+    run(_feature_rows, [(*args, a, b, out, r0) for a, b in run.chunks(r0, r1)])
     return out
 
 
@@ -1734,12 +1734,6 @@ class Runner:
     def __init__(self, n_threads: int) -> None:
         self.n_threads = n_threads
         self._pool = workers.pool(n_threads) if n_threads > 1 else None
-
-    def __enter__(self) -> Runner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
     def chunks(self, a: int, b: int) -> list[tuple[int, int]]:
         """Rows a..b cut into one contiguous chunk per thread."""
