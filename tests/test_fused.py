@@ -90,6 +90,43 @@ def test_a_bad_strip_stops_the_strips_with_its_error(image_and_features):
 
 def test_only_strips_that_fit_the_budget_twice_are_overlapped():
     classifier, selection = engine.load_project(PROJECT)
-    assert engine._strip_height((4, 2000, 2000), classifier, selection, None) == (500, True)
+    assert engine._strip_height((4, 2000, 2000), classifier, selection, None) == (250, True)
     rows, overlap = engine._strip_height((4, 3000, 25_000), classifier, selection, None)
     assert not overlap and rows == engine.strip_rows(3000, 25_000, 4, selection, 3)
+
+
+def test_default_strips_of_wide_images_are_several_halos_tall():
+    """500,000 pixels of an 8000-pixel-wide image would be 62 rows, less than the 2 x 38 halo
+    rows presmoothed with them; default strips are at least four halos (evened out)."""
+    classifier, selection = engine.load_project(PROJECT)
+    halo = selection.halo()
+    rows, _ = engine._strip_height((4, 2000, 8000), classifier, selection, None)
+    n_strips = -(-2000 // (engine.MIN_STRIP_HALOS * halo))
+    assert rows == -(-2000 // n_strips) and rows > engine.STRIP_PIXELS // 8000
+    # an explicit size is taken as it is
+    assert engine._strip_height((4, 2000, 8000), classifier, selection, 80_000)[0] == 10
+
+
+def test_the_next_image_reuses_the_buffers_of_the_last(image_and_features, monkeypatch):
+    """A batch pays the page faults of the presmoothed planes once, not per image; the reused
+    (and grown) buffers give the same bits."""
+    classifier, selection, img, features = image_and_features
+    monkeypatch.setattr(fused, "_SPARE", [])  # not the buffers of the tests before
+    height = img.shape[1]
+
+    def run(image):
+        out = np.empty((image.shape[1], image.shape[2], classifier.n_outputs), np.float32)
+        return next(fused.classify_strips(iter([(image, (0, image.shape[1]), out)]), selection,
+                                          classifier))
+
+    small = run(img[:, : height // 2].copy())
+    pair = fused._SPARE[-1]
+    planes = pair[0]._buffers["planes"]
+    got = run(img)  # taller: the planes grow
+    assert fused._SPARE == [pair] and pair[0]._buffers["planes"].size > planes.size
+    np.testing.assert_array_equal(got, two_step(classifier, features))
+    grown = pair[0]._buffers["planes"].ctypes.data
+    again = run(img)
+    assert fused._SPARE == [pair] and pair[0]._buffers["planes"].ctypes.data == grown
+    np.testing.assert_array_equal(again, got)
+    assert small.shape[0] == height // 2

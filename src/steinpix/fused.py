@@ -55,6 +55,20 @@ depend_on_sources(_classify_rows, inspect.getfile(features._row_features.py_func
                   inspect.getfile(_classify_span.py_func))
 
 
+# The buffers of the last finished classify_strips, for the next one: a fresh 100 MB buffer
+# costs page faults and the kernel's zeroing of its pages, which a batch of images then pays
+# once. One pair is kept (images are classified one after the other); it is as large as the
+# strips of the largest image so far, which are within the engine's memory budget.
+_SPARE: list[tuple[features.Workspace, features.Workspace]] = []
+
+
+def _take_workspaces() -> tuple[features.Workspace, features.Workspace]:
+    try:
+        return _SPARE.pop()  # atomic: two concurrent calls never get the same pair
+    except IndexError:
+        return features.Workspace(), features.Workspace()
+
+
 @dataclass
 class _Strip:
     """A strip whose presmoothing is queued, and the stage-2 jobs that will follow it."""
@@ -170,8 +184,8 @@ def classify_strips(
     (R, X, n_outputs) ndarray of float32
         Each strip's ``out``, filled.
     """
-    first = features.Workspace()  # its temporary planes serve both: see _start
-    works = (first, features.Workspace() if overlap else first)
+    first, second = _take_workspaces()  # first's temporary planes serve both: see _start
+    works = (first, second if overlap else first)
     strips = iter(strips)
     queued: list[Future] = []  # jobs to stop and wait for if the caller stops early
 
@@ -199,3 +213,5 @@ def classify_strips(
             strip, k = following, k + 1
     finally:
         features.Runner.wait_quietly(queued)
+        _SPARE.append((first, second))
+        del _SPARE[:-1]
