@@ -97,7 +97,7 @@ def test_only_strips_that_fit_the_budget_twice_are_overlapped():
 
 def test_default_strips_of_wide_images_are_several_halos_tall():
     """500,000 pixels of an 8000-pixel-wide image would be 62 rows, less than the 2 x 38 halo
-    rows presmoothed with them; default strips are at least four halos (evened out)."""
+    rows presmoothed with them; default strips are at least two halos (evened out)."""
     classifier, selection = engine.load_project(PROJECT)
     halo = selection.halo()
     rows, _ = engine._strip_height((4, 2000, 8000), classifier, selection, None)

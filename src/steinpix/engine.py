@@ -66,10 +66,10 @@ STRIP_BYTES = 512 * 1024**2
 # the computation, and need less memory, which costs page faults and the kernel's zeroing the
 # first time a process touches it (measured: 0.4-0.6 s less system time for the first 2000 x
 # 2000 image than with 1,000,000). The halo rows they add are only presmoothed, which costs
-# little, as long as a strip is several halos tall: see MIN_STRIP_HALOS.
+# little, as long as a strip is not much thinner than its halo: see MIN_STRIP_HALOS.
 STRIP_PIXELS = 500_000
 # Default strips are at least this many halos tall, however wide the image.
-MIN_STRIP_HALOS = 4
+MIN_STRIP_HALOS = 2
 # Uncompressed size of one TIFF strip of the output.
 TIFF_STRIP_BYTES = 256 * 1024
 # TIFF strips at most waiting to be encoded, per file (32 MiB of rows with the above; a
