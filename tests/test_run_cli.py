@@ -310,11 +310,16 @@ import numba
 left_out = [name for name in ("scipy", "yaml") if name in sys.modules]
 import scipy, yaml  # both still import afterwards
 assert "OPENBLAS_NUM_THREADS" not in os.environ
+# importlib.metadata is loaded when first used, not by numba's import
+assert "email.message" not in sys.modules, "importlib.metadata was run"
+from importlib import metadata
+assert metadata.version("numba") == numba.__version__ and "email.message" in sys.modules
 print(" ".join(left_out) or "-", numba.config.BOUNDSCHECK, len(os.listdir("/proc/self/task")))
 """
 
 
 def test_numba_is_imported_without_scipy_and_yaml_unless_a_numba_config_needs_it(tmp_path):
+    """Nor importlib.metadata, until something uses it."""
     pytest.importorskip("scipy")
     pytest.importorskip("yaml")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import sys
@@ -54,10 +55,14 @@ def import_numba() -> None:
     matrix products the engine never computes (``OPENBLAS_NUM_THREADS`` is set for numpy's
     import only, where neither it nor numpy is set up yet, so the subprocesses of other
     engines inherit the environment as it was). 10 to 70 ms where they are installed; scipy
-    and PyYAML import normally again afterwards.
+    and PyYAML import normally again afterwards. ``importlib.metadata`` (with ``email`` and
+    ``socket``, 0.015-0.03 s), which numba imports for the plugins it looks up only when it
+    compiles, is loaded on first use instead (importlib's ``LazyLoader``).
     """
     if "numba" in sys.modules:
         return
+    if "importlib.metadata" not in sys.modules:
+        _load_on_first_use("importlib.metadata")
     blocked = [name for name in ("scipy", "yaml") if name not in sys.modules]
     if os.path.isfile(".numba_config.yaml") and "yaml" in blocked:
         blocked.remove("yaml")
@@ -74,6 +79,20 @@ def import_numba() -> None:
         for name in blocked:
             if name in sys.modules and sys.modules[name] is None:
                 del sys.modules[name]
+
+
+def _load_on_first_use(name: str) -> None:
+    """Import the module ``name`` so that its code runs only when an attribute is first used."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        return
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
+    spec.loader.exec_module(module)
 
 
 def dask_address(address: str | None, scheduler_file: str | None) -> str | None:
