@@ -192,6 +192,19 @@ def test_tiff_is_written_in_strips_from_blocks_of_any_height(tmp_path):
         np.testing.assert_array_equal(tif.asarray(), probs)
 
 
+def test_tiff_rows_inside_a_block_are_not_copied():
+    probs = np.arange(1000 * 4 * 3, dtype=np.uint16).reshape(1000, 4, 3)
+    blocks = [probs[a:b].copy() for a, b in [(0, 7), (7, 500), (500, 501), (501, 1000)]]
+    chunks = list(engine._row_chunks(iter(blocks), 21))
+    assert [c.shape[0] for c in chunks] == [21] * 47 + [13]
+    np.testing.assert_array_equal(np.concatenate(chunks), probs)
+    assert all(c.flags.c_contiguous for c in chunks)
+    # rows 21..482 lie inside the second block: views of it, not copies of whole strips
+    inside = [c for c in chunks[1:] if np.shares_memory(c, blocks[1])]
+    assert len(inside) == (500 - 21) // 21
+    assert not any(np.shares_memory(chunks[0], b) for b in blocks)  # rows of two blocks
+
+
 def test_written_tiff_with_other_channel_counts(tmp_path):
     for n in (1, 2, 4):
         probs = np.full((6, 5, n), 1234, dtype=np.uint16)
@@ -205,6 +218,11 @@ def test_export_normalisation_truncates_in_float32():
     got = engine.export_uint16(p)
     assert got.dtype == np.uint16
     assert list(got) == [0, 655, 32767, 21845, 65534, 65535]
+    out = np.zeros(6, dtype=np.uint16)
+    assert engine.export_uint16(p, out=out) is out and list(out) == list(got)
+    scratch = p.copy()
+    assert list(engine.export_uint16(scratch, overwrite_input=True)) == list(got)
+    np.testing.assert_array_equal(scratch, p * np.float32(65535))  # scaled in place
 
 
 def test_output_path_and_rerun_rule(tmp_path):

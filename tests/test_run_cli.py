@@ -215,6 +215,44 @@ def test_exit_quickly_runs_atexit_flushes_and_keeps_the_status(thread, status):
     assert result.stdout == f"unflushed{normal}atexit ran\n"
 
 
+FREED_MEMORY = """
+import resource, sys
+import numpy as np
+from steinpix._cli import utils
+if sys.argv[1] == "keep":
+    assert utils.set_malloc_thresholds()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # two strips' worth of buffers, freed and taken again
+    a = np.ones(2 * 1024**2, np.float32)
+    b = np.ones(2 * 1024**2, np.float32)
+    del a, b
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not glibc(), reason="the thresholds are glibc's malloc's")
+def test_freed_memory_is_reused_not_faulted_in_again():
+    faults = {}
+    for mode in ("default", "keep"):
+        result = subprocess.run([sys.executable, "-c", FREED_MEMORY, mode], capture_output=True,
+                                text=True, check=True)
+        faults[mode] = int(result.stdout)
+    # 16 MiB are 4096 pages: with glibc's defaults the 20 rounds touch fresh pages each time
+    assert faults["keep"] < 2 * 4096
+    assert faults["default"] > 4 * faults["keep"]
+    # in-process callers (here: pytest) keep their own malloc settings
+    from steinpix._cli import utils
+
+    assert utils.keep_freed_memory() is False
+
+
 def test_uncertainty_and_segmentation_in_the_same_run(workdir):
     result = run("--uncertainty", "unc", "--segmentation", "seg")
     assert result.exit_code == 0, result.output

@@ -436,7 +436,8 @@ def iter_strips(img, classifier: Classifier, selection: FeatureSelection, profil
             if on_strip is not None:
                 on_strip(probs)
             progress.strip(i + 1, len(starts))
-            yield export_uint16(probs)
+            # in place: probs is the strip buffer, refilled by the next strip
+            yield export_uint16(probs, overwrite_input=True)
 
 
 def predict_image(img: np.ndarray, classifier: Classifier, selection: FeatureSelection,
@@ -486,18 +487,34 @@ def predict_image(img: np.ndarray, classifier: Classifier, selection: FeatureSel
 
 
 def _row_chunks(strips: Iterable[np.ndarray], rows_per_strip: int) -> Iterator[np.ndarray]:
-    """Blocks of ``rows_per_strip`` rows (the last may be shorter) from arrays of any height."""
-    pending: list[np.ndarray] = []
-    n_pending = 0
+    """Blocks of ``rows_per_strip`` rows (the last may be shorter) from arrays of any height.
+
+    Blocks inside an array are views of it; only the rows a block takes from two arrays are
+    copied. Joining whole strips instead copied every row once more, into fresh memory each
+    time (memory a process touches first is zeroed by the kernel: see ``docs/engine.md``).
+    """
+    carry: np.ndarray | None = None  # a block being filled across arrays
+    filled = 0
     for block in strips:
-        pending.append(block)
-        n_pending += block.shape[0]
-        while n_pending >= rows_per_strip:
-            rows = np.concatenate(pending, axis=0) if len(pending) > 1 else pending[0]
-            yield np.ascontiguousarray(rows[:rows_per_strip])
-            pending, n_pending = [rows[rows_per_strip:]], n_pending - rows_per_strip
-    if n_pending:
-        yield np.ascontiguousarray(np.concatenate(pending, axis=0))
+        y = 0
+        if carry is not None:
+            take = min(rows_per_strip - filled, block.shape[0])
+            carry[filled:filled + take] = block[:take]
+            filled += take
+            y = take
+            if filled < rows_per_strip:
+                continue
+            yield carry
+            carry = None
+        while block.shape[0] - y >= rows_per_strip:
+            yield np.ascontiguousarray(block[y:y + rows_per_strip])
+            y += rows_per_strip
+        if y < block.shape[0]:
+            carry = np.empty((rows_per_strip, *block.shape[1:]), dtype=block.dtype)
+            filled = block.shape[0] - y
+            carry[:filled] = block[y:]
+    if carry is not None:
+        yield carry[:filled]
 
 
 def _tiff_strips(strips: Iterable[np.ndarray], rows_per_strip: int,

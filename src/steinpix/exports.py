@@ -24,7 +24,8 @@ import numpy as np
 __all__ = ["EXPORTS", "export_uint16", "margin_uncertainty", "segmentation", "uncertainty"]
 
 
-def export_uint16(probs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def export_uint16(probs: np.ndarray, out: np.ndarray | None = None,
+                  overwrite_input: bool = False) -> np.ndarray:
     """lazyflow's export normalisation from (0.0, 1.0) to uint16 (0, 65535).
 
     ``frac = f32(65535 / 1.0)``; ``uint16(p * frac)`` in float32, truncating like a C cast
@@ -36,16 +37,20 @@ def export_uint16(probs: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
         Values in [0, 1].
     out : ndarray of uint16, optional
         Same shape as ``probs``.
+    overwrite_input : bool
+        Scale a float32 ``probs`` in place instead of into a temporary array (``probs`` then
+        holds ``p * frac``).
 
     Returns
     -------
     ndarray of uint16
     """
     frac = np.float32(np.float64(65535 - 0) / np.float64(1.0 - 0.0))
-    scaled = np.multiply(probs, frac, dtype=np.float32)
+    in_place = overwrite_input and probs.dtype == np.float32
+    scaled = np.multiply(probs, frac, out=probs if in_place else None, dtype=np.float32)
     if out is None:
         return scaled.astype(np.uint16)
-    out[...] = scaled.astype(np.uint16)
+    np.copyto(out, scaled, casting="unsafe")
     return out
 
 

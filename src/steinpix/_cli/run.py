@@ -18,6 +18,7 @@ from steinpix._cli.utils import (
     collector_paused,
     ilastik_binary_option,
     ilp_option,
+    keep_freed_memory,
     one_line_errors,
     verbosity_option,
 )
@@ -231,6 +232,7 @@ def run_cmd(
     with collector_paused():  # the start-up: imports, the project, numba's runtime
         if engine in ("builtin", "auto"):
             import_numba()
+            keep_freed_memory()
         img_files = image_files(img_files, ilastik_img_dir, click.get_current_context())
         requested = {"uncertainty": uncertainty_dir, "segmentation": segmentation_dir}
         exports = tuple((name, Path(d)) for name, d in requested.items() if d is not None)
