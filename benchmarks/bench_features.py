@@ -127,7 +127,9 @@ def engine_times(img: np.ndarray, selection: FeatureSelection, classifier, profi
             args = (planes, *feat.stage2_args(plan), profile == "14x")
             extra = (plan.n_features, classifier.flat, classifier.output_channels, out, r0,
                      forest)
-            run(fused._classify_rows, [(*args, a, b, *extra) for a, b in run.chunks(r0, r1)])
+            shape = feat.ring_shape(planes.shape, plan)
+            run(fused._classify_rows, [(*args, a, b, *extra, work.array(f"rings{i}", shape))
+                                       for i, (a, b) in enumerate(run.chunks(r0, r1))])
         times.append(time.perf_counter() - t0)
     return min(times[1:]), float(np.median(times[1:]))
 

@@ -6,6 +6,7 @@ blocks cut short at the end of a row and pixels whose features hold NaN (which g
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from test_forest import random_tree, write_project
@@ -119,14 +120,21 @@ def test_the_next_image_reuses_the_buffers_of_the_last(image_and_features, monke
         return next(fused.classify_strips(iter([(image, (0, image.shape[1]), out)]), selection,
                                           classifier))
 
+    def rings(work):  # the stage-2 threads' ring buffers, one per thread
+        return {k: v.ctypes.data for k, v in work._buffers.items() if k.startswith("rings")}
+
     small = run(img[:, : height // 2].copy())
     pair = fused._SPARE[-1]
     planes = pair[0]._buffers["planes"]
-    got = run(img)  # taller: the planes grow
+    kept = rings(pair[0])
+    assert len(kept) == min(numba.get_num_threads(), height // 2) and not rings(pair[1])
+    got = run(img)  # taller: the planes grow; as wide: the same ring buffers
     assert fused._SPARE == [pair] and pair[0]._buffers["planes"].size > planes.size
+    assert rings(pair[0]) == kept
     np.testing.assert_array_equal(got, two_step(classifier, features))
     grown = pair[0]._buffers["planes"].ctypes.data
     again = run(img)
     assert fused._SPARE == [pair] and pair[0]._buffers["planes"].ctypes.data == grown
+    assert rings(pair[0]) == kept
     np.testing.assert_array_equal(again, got)
     assert small.shape[0] == height // 2

@@ -253,6 +253,41 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     assert utils.keep_freed_memory() is False
 
 
+HUGE_PAGES = """
+import resource, sys
+import numpy as np
+from steinpix._cli import utils
+assert utils.set_numpy_huge_pages(sys.argv[1] == "huge")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+a = np.ones(16 * 1024**2, np.float32)  # 64 MiB
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def transparent_huge_pages() -> str:
+    try:
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return setting.split("[", 1)[-1].split("]", 1)[0]
+
+
+@pytest.mark.skipif(transparent_huge_pages() != "madvise",
+                    reason="numpy's advice matters only where huge pages are on madvise")
+def test_numpy_huge_pages_can_be_turned_off():
+    faults = {}
+    for mode in ("huge", "small"):
+        result = subprocess.run([sys.executable, "-c", HUGE_PAGES, mode], capture_output=True,
+                                text=True, check=True)
+        faults[mode] = int(result.stdout)
+    # 64 MiB: 16,384 pages of 4 KiB, or a few dozen of 2 MiB
+    assert faults["small"] > 16 * 1024 * 0.9
+    assert faults["huge"] < faults["small"] / 4
+    from steinpix._cli import utils
+
+    assert utils.numpy_without_huge_pages() is False  # in-process callers keep numpy's
+
+
 def test_uncertainty_and_segmentation_in_the_same_run(workdir):
     result = run("--uncertainty", "unc", "--segmentation", "seg")
     assert result.exit_code == 0, result.output

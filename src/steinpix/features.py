@@ -1427,16 +1427,16 @@ def _transpose_row(scratch, out_row):
 
 
 @_jit
-def _row_state(planes, coefs, radius, columns, n_ring, y0, n_feat):
+def _row_state(planes, coefs, radius, columns, n_ring, y0, n_feat, rings):
     """Scratch space of stage 2 for output rows from ``y0`` on, for one thread.
 
-    Returns ``(rings, scratch, tmp, pad, front)``: the ring buffers of x-filtered rows, the
-    (features, x) rows of one output row, the row temporaries, four padded rows and, per
-    (channel, scale), the next x-filtered and structure-tensor rows. The fronts start far
-    enough above y0 for every row the first output row depends on.
+    ``rings`` is the buffer of the ring buffers of x-filtered rows (shape
+    :func:`ring_shape`; its contents do not matter). Returns ``(rings, scratch, tmp, pad,
+    front)``: the ring buffers, the (features, x) rows of one output row, the row temporaries,
+    four padded rows and, per (channel, scale), the next x-filtered and structure-tensor rows.
+    The fronts start far enough above y0 for every row the first output row depends on.
     """
     n_channels, n_scales, _, width = planes.shape
-    rings = np.empty((n_channels, n_scales, _N_RINGS, n_ring, width), dtype=np.float32)
     scratch = np.empty((n_feat, width), dtype=np.float32)
     tmp = np.empty((_N_TMP, width), dtype=np.float32)
     pad = np.empty((4, width + 2 * coefs.shape[2]), dtype=np.float32)
@@ -1506,8 +1506,10 @@ def _feature_rows(
         Row ``y`` of the image goes to ``out[y - out_y0]``.
     out_y0 : int
     """
+    n_channels, n_scales, _, width = planes.shape
+    rings = np.empty((n_channels, n_scales, _N_RINGS, n_ring, width), dtype=np.float32)
     rings, scratch, tmp, pad, front = _row_state(planes, coefs, radius, columns, n_ring, y0,
-                                                 out.shape[2])
+                                                 out.shape[2], rings)
     for y in range(y0, y1):
         _row_features(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y,
                       rings, scratch, tmp, pad, front)
@@ -1604,6 +1606,19 @@ def prepare(
     if not 0 <= r0 < r1 <= height:
         raise ValueError(f"rows {rows} outside the image's {height} rows")
     return img, _make_plan(selection, n_channels), (r0, r1)
+
+
+def ring_shape(planes_shape: tuple[int, ...], plan: _Plan) -> tuple[int, int, int, int, int]:
+    """Shape of one stage-2 thread's ring buffers for planes of ``planes_shape`` (C, S, H, W).
+
+    Returns
+    -------
+    tuple of int
+        (C, S, N_RINGS, ring rows, W): about 10 MB per thread for four channels, five scales
+        and 2000 pixels of width, so callers that run stage 2 strip after strip keep it.
+    """
+    n_channels, n_scales, _, width = planes_shape
+    return (n_channels, n_scales, _N_RINGS, plan.ring_rows, width)
 
 
 def stage2_args(plan: _Plan) -> tuple:

@@ -28,17 +28,17 @@ __all__ = ["classify", "classify_strips"]
 
 @numba.njit(cache=True, nogil=True)
 def _classify_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y0, y1,
-                   n_feat, ff, out_channel, out, out_y0, forest):
+                   n_feat, ff, out_channel, out, out_y0, forest, rings):
     """Features and probabilities of output rows y0..y1 (one thread).
 
     The first eight arguments and ``y0``, ``y1`` are those of ``features._feature_rows``;
     ``ff`` and ``out_channel`` those of ``forest._predict_kernel``. Row ``y``'s probabilities
     go to ``out[y - out_y0]`` ((W, n_outputs) float32). ``forest`` False computes the features
-    only (for benchmarks).
+    only (for benchmarks). ``rings``: this thread's ring buffers (``features.ring_shape``).
     """
     width = planes.shape[3]
     rings, scratch, tmp, pad, front = features._row_state(planes, coefs, radius, columns,
-                                                          n_ring, y0, n_feat)
+                                                          n_ring, y0, n_feat, rings)
     state = _block_state(ff, n_feat)
     for y in range(y0, y1):
         features._row_features(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused,
@@ -100,7 +100,13 @@ def _start(img: np.ndarray, selection: FeatureSelection, classifier: Classifier,
                                                     run, work, temps)
     args = (planes, *features.stage2_args(plan), unfused)
     forest_args = (plan.n_features, classifier.flat, classifier.output_channels, out, r0, True)
-    rows_args = [(*args, a, b, *forest_args) for a, b in run.chunks(r0, r1)]
+    # The ring buffers (10 MB per thread and 2000 pixels of width) are kept with the temporary
+    # planes: strips of 77 MB per thread (16,000 pixels) each took fresh memory, 1 GB per image.
+    # A strip's rows start after the previous strip's rows are done, so one set serves all.
+    rings_from = temps or work or features.Workspace()
+    shape = features.ring_shape(planes.shape, plan)
+    rows_args = [(*args, a, b, *forest_args, rings_from.array(f"rings{i}", shape))
+                 for i, (a, b) in enumerate(run.chunks(r0, r1))]
     return _Strip(out, run, presmoothing, rows_args)
 
 

@@ -19,6 +19,7 @@ from steinpix._cli.utils import (
     ilastik_binary_option,
     ilp_option,
     keep_freed_memory,
+    numpy_without_huge_pages,
     one_line_errors,
     verbosity_option,
 )
@@ -233,6 +234,7 @@ def run_cmd(
         if engine in ("builtin", "auto"):
             import_numba()
             keep_freed_memory()
+            numpy_without_huge_pages()
         img_files = image_files(img_files, ilastik_img_dir, click.get_current_context())
         requested = {"uncertainty": uncertainty_dir, "segmentation": segmentation_dir}
         exports = tuple((name, Path(d)) for name, d in requested.items() if d is not None)
