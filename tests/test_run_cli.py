@@ -230,6 +230,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def page_faults(script: str, mode: str) -> int:
+    """Minor page faults of ``script``'s measured part (it prints them), in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                            check=True)
+    return int(result.stdout)
+
+
 def glibc() -> bool:
     try:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
@@ -239,11 +246,7 @@ def glibc() -> bool:
 
 @pytest.mark.skipif(not glibc(), reason="the thresholds are glibc's malloc's")
 def test_freed_memory_is_reused_not_faulted_in_again():
-    faults = {}
-    for mode in ("default", "keep"):
-        result = subprocess.run([sys.executable, "-c", FREED_MEMORY, mode], capture_output=True,
-                                text=True, check=True)
-        faults[mode] = int(result.stdout)
+    faults = {mode: page_faults(FREED_MEMORY, mode) for mode in ("default", "keep")}
     # 16 MiB are 4096 pages: with glibc's defaults the 20 rounds touch fresh pages each time
     assert faults["keep"] < 2 * 4096
     assert faults["default"] > 4 * faults["keep"]
@@ -275,11 +278,7 @@ def transparent_huge_pages() -> str:
 @pytest.mark.skipif(transparent_huge_pages() != "madvise",
                     reason="numpy's advice matters only where huge pages are on madvise")
 def test_numpy_huge_pages_can_be_turned_off():
-    faults = {}
-    for mode in ("huge", "small"):
-        result = subprocess.run([sys.executable, "-c", HUGE_PAGES, mode], capture_output=True,
-                                text=True, check=True)
-        faults[mode] = int(result.stdout)
+    faults = {mode: page_faults(HUGE_PAGES, mode) for mode in ("huge", "small")}
     # 64 MiB: 16,384 pages of 4 KiB, or a few dozen of 2 MiB
     assert faults["small"] > 16 * 1024 * 0.9
     assert faults["huge"] < faults["small"] / 4
