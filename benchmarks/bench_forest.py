@@ -17,7 +17,10 @@ is the engine's time with the classification minus its time without it, over the
 classification (``forest._classify_span`` on (features, x) rows, one row per work item) by
 itself, on the first 8 rows' features in that layout, cycled through so that they stay in the
 CPU's cache as a freshly computed row does; with one thread it is CPU time, the steadiest
-figure.
+figure. ``--parts`` times the steps of that classification one by one, single-threaded, on
+the first 256 pixels of one row (they stay in the L2 cache): QuickScorer alone, QuickScorer
+with the vote counting, copying a block's features, the probabilities from the votes, the
+stores, and the whole per-row classification, in microseconds per block of 32 pixels.
 """
 
 from __future__ import annotations
@@ -35,7 +38,16 @@ import numpy as np
 from bench_features import engine_times
 
 from steinpix.engine import STRIP_PIXELS
-from steinpix.forest import _block_state, _classify_span
+from steinpix.forest import (
+    LANES,
+    _block_state,
+    _classify_span,
+    _copy_block,
+    _qs_votes,
+    _quickscorer,
+    _store_block,
+    _vote_probs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work"
@@ -90,6 +102,67 @@ def fused_forest_times(features: np.ndarray, classifier, n_rows: int,
     return min(times), float(np.median(times))
 
 
+@numba.njit(nogil=True)
+def _parts(which, blocks, row, ff, out_channel, reps, state, out):
+    """One step of the per-row classification ``reps`` times over every block (see --parts)."""
+    xt, nan, bits, res, counts = state[0], state[1], state[2], state[6], state[7]
+    n_classes = ff.leaf_f32.shape[1]
+    n_feat, width = row.shape
+    flat = row.reshape(-1)
+    for _ in range(reps):
+        for i in range(blocks.shape[0]):
+            if which == 0:
+                _quickscorer(blocks[i], bits, ff.qs_slot_start, ff.qs_entries)
+            elif which == 1:
+                _qs_votes(blocks[i], counts, ff.tree_slot_start, ff.forest_start,
+                          ff.qs_slot_start, ff.qs_entries, ff.qs_vote_mask, n_classes)
+            elif which == 2:
+                _copy_block(flat, i * LANES, width, n_feat, xt, nan)
+            elif which == 3:
+                _vote_probs(counts, ff.forest_start, res, n_classes, ff.combine,
+                            ff.total_tree_count)
+            elif which == 4:
+                _store_block(res, nan, out_channel, i * LANES, LANES, out)
+        if which == 5:
+            _classify_span(ff, out_channel, state, flat, n_feat, width, 0, width, out)
+
+
+PARTS = ("quickscorer", "quickscorer + votes", "copy features", "vote probabilities",
+         "store", "whole classification")
+
+
+def part_times(features: np.ndarray, classifier, repeat: int) -> None:
+    """Print the per-block time of each step (one thread, CPU time, best of ``repeat``)."""
+    ff = classifier.flat
+    if not ff.votes:
+        print("--parts: this project's leaves are not pure votes; skipped")
+        return
+    width = 256
+    row = np.ascontiguousarray(features[0, :width].T)  # (features, x), as the engine's rows
+    blocks = np.ascontiguousarray(
+        row.reshape(row.shape[0], -1, LANES).transpose(1, 0, 2)).reshape(-1, row.shape[0] * LANES)
+    state = _block_state(ff, row.shape[0])
+    state[1][:] = 0  # no NaN
+    state[7][:] = 1  # some votes
+    out = np.empty((width, classifier.n_outputs), dtype=np.float32)
+    args = (blocks, row, ff, classifier.output_channels)
+    reps = 2000
+    for which in range(len(PARTS)):
+        _parts(which, *args, 1, state, out)
+    best = [np.inf] * len(PARTS)
+    for _ in range(repeat):  # the steps in turns, so that the machine's changes hit all alike
+        for which in range(len(PARTS)):
+            t = time.process_time()
+            _parts(which, *args, reps, state, out)
+            best[which] = min(best[which], time.process_time() - t)
+    n_entries = ff.qs_entries.size // 3
+    for name, seconds in zip(PARTS, best, strict=True):
+        per_block = seconds / (reps * blocks.shape[0])
+        print(f"  {name}: {per_block * 1e6:.2f} us per block of {LANES} pixels")
+    print(f"  ({n_entries} QuickScorer entries: "
+          f"{best[0] / (reps * blocks.shape[0]) / n_entries * 1e9:.2f} ns per entry)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=Path, default=WORK / "img" / "mosaic_1.h5")
@@ -99,6 +172,8 @@ def main() -> None:
                         default=sorted({1, numba.config.NUMBA_NUM_THREADS}))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="measure compile/first call")
+    parser.add_argument("--parts", action="store_true",
+                        help="time the steps of the classification (one thread) and stop")
     args = parser.parse_args()
 
     from steinpix import engine
@@ -112,6 +187,11 @@ def main() -> None:
 
     classifier, selection = engine.load_project(args.ilp)
     img = engine.read_image(args.image)[:, :args.rows]
+    if args.parts:
+        engine.set_threads(1)
+        print("one thread, steps of the per-row classification (best CPU time):")
+        part_times(compute_features(img, selection), classifier, args.repeat)
+        return
     features = compute_features(img, selection).reshape(-1, classifier.n_features)
     n = features.shape[0]
     out = np.empty((n, classifier.n_outputs), dtype=np.float32)
