@@ -1427,14 +1427,14 @@ def _transpose_row(scratch, out_row):
 
 
 @_jit
-def _row_state(planes, coefs, radius, columns, n_ring, y0, n_feat, rings):
-    """Scratch space of stage 2 for output rows from ``y0`` on, for one thread.
+def _row_state(planes, coefs, radius, columns, y0, n_feat):
+    """Scratch space of stage 2 for output rows from ``y0`` on, for one thread, beside its ring
+    buffers of x-filtered rows (shape :func:`ring_shape`, kept by the caller).
 
-    ``rings`` is the buffer of the ring buffers of x-filtered rows (shape
-    :func:`ring_shape`; its contents do not matter). Returns ``(rings, scratch, tmp, pad,
-    front)``: the ring buffers, the (features, x) rows of one output row, the row temporaries,
-    four padded rows and, per (channel, scale), the next x-filtered and structure-tensor rows.
-    The fronts start far enough above y0 for every row the first output row depends on.
+    Returns ``(scratch, tmp, pad, front)``: the (features, x) rows of one output row, the row
+    temporaries, four padded rows and, per (channel, scale), the next x-filtered and
+    structure-tensor rows. The fronts start far enough above y0 for every row the first output
+    row depends on.
     """
     n_channels, n_scales, _, width = planes.shape
     scratch = np.empty((n_feat, width), dtype=np.float32)
@@ -1449,7 +1449,7 @@ def _row_state(planes, coefs, radius, columns, n_ring, y0, n_feat, rings):
         for c in range(n_channels):
             front[c, s, 0] = max(0, first_x)
             front[c, s, 1] = max(0, y0 - k)
-    return rings, scratch, tmp, pad, front
+    return scratch, tmp, pad, front
 
 
 @_jit
@@ -1508,8 +1508,7 @@ def _feature_rows(
     """
     n_channels, n_scales, _, width = planes.shape
     rings = np.empty((n_channels, n_scales, _N_RINGS, n_ring, width), dtype=np.float32)
-    rings, scratch, tmp, pad, front = _row_state(planes, coefs, radius, columns, n_ring, y0,
-                                                 out.shape[2], rings)
+    scratch, tmp, pad, front = _row_state(planes, coefs, radius, columns, y0, out.shape[2])
     for y in range(y0, y1):
         _row_features(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused, y,
                       rings, scratch, tmp, pad, front)

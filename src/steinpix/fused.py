@@ -37,8 +37,7 @@ def _classify_rows(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfus
     only (for benchmarks). ``rings``: this thread's ring buffers (``features.ring_shape``).
     """
     width = planes.shape[3]
-    rings, scratch, tmp, pad, front = features._row_state(planes, coefs, radius, columns,
-                                                          n_ring, y0, n_feat, rings)
+    scratch, tmp, pad, front = features._row_state(planes, coefs, radius, columns, y0, n_feat)
     state = _block_state(ff, n_feat)
     for y in range(y0, y1):
         features._row_features(planes, coefs, radius, x_jobs, y_jobs, columns, n_ring, unfused,
