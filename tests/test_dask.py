@@ -353,6 +353,60 @@ def test_killed_worker_loses_and_corrupts_nothing(cluster, tmp_path):
     cluster.wait_for_workers(2)  # the nanny restarted the killed worker
 
 
+def test_task_that_keeps_killing_its_worker_fails_alone(tmp_path, monkeypatch):
+    # Dask gives up on a task whose workers died more often than its allowed failures
+    # (distributed.scheduler.allowed-failures: 3 by default, 1 here to be quick): that image
+    # fails with a one-line reason, the others are written, and no temporary is left.
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "1")
+    project = make_project(tmp_path / "p")
+    doomed = large_images(1, tiles=5)["large_1"]
+    with h5py.File(project / "ilastik_img" / "doomed.h5", "w") as h5:
+        h5["img"] = doomed
+    good = [f.stem for f in sorted(REF_IMG.glob("*.h5"))]
+    expected = local_outputs(project, "--mem", "300")
+    expected.pop("doomed.tiff")
+    local = Cluster(tmp_path / "cluster")
+    try:
+        for i in (1, 2):
+            local.add_worker(f"worker{i}")
+        local.wait_for_workers(2)
+        run = subprocess.Popen(
+            [sys.executable, "-m", "steinpix", "classify", "ilastik", "run", "--mem", "300"]
+            + ["--dask", local.address],
+            cwd=project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        out_dir = project / "ilastik_probabilities"
+        killed: set[int] = set()
+        try:
+            deadline = time.monotonic() + 4 * START_TIMEOUT_S
+            while run.poll() is None and time.monotonic() < deadline:
+                for entry in os.scandir(out_dir) if out_dir.is_dir() else []:
+                    match = TEMPORARY.match(entry.name)
+                    if match and entry.name.startswith(".doomed.") and pid_alive(int(match[1])):
+                        killed.add(int(match[1]))  # whichever worker writes the doomed image
+                        os.kill(int(match[1]), signal.SIGKILL)
+                time.sleep(0.01)
+            stdout, stderr = run.communicate(timeout=START_TIMEOUT_S)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    finally:
+        local.close()
+    assert len(killed) == 2, (killed, stderr)  # the first try and the one retry allowed
+    assert run.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    (error,) = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert "doomed.h5: its task ended the worker process several times" in error
+    assert "Dask gave up on it" in error
+    assert stderr.rstrip().endswith("Error: 1 of 4 images failed: ilastik_img/doomed.h5")
+    assert sorted(stdout.splitlines()) == [f"ilastik_probabilities/{g}.tiff" for g in good]
+    assert files(out_dir) == expected  # no temporary of the killed workers is left
+
+
 def test_ctrl_c_cancels_the_remaining_tasks(cluster, tmp_path):
     project = make_project(tmp_path / "p", large_images(5, tiles=5))
     run = subprocess.Popen(
