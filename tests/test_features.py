@@ -16,6 +16,8 @@ from steinpix.features import (
     FEATURE_IDS,
     PROFILES,
     FeatureSelection,
+    _scalar_133,
+    _scalar_spans,
     _seq_padded,
     _ypass_row,
     _ypass_rows,
@@ -637,6 +639,27 @@ def test_blocked_x_taps_equal_the_plain_loop(odd):
             dst = np.full(n, 7.0, dtype=np.float32)
             _seq_padded(p, k, coefs, odd, dst)
             assert _same(dst, _plain_taps(p, k, coefs, odd, n)), (k, n)
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_small_radius_spans_equal_the_general_scalar_code(odd):
+    """_scalar_spans' direct path for K = 1, 2 (1.3.3) against _scalar_133 span by span, for
+    widths where the spans are degenerate, short, or as in a long row."""
+    rng = np.random.default_rng(13)
+    for k in (1, 2):
+        coefs = rng.normal(0.0, 1.0, 3).astype(np.float32)
+        for n in (*range(k + 1, 80), 127, 128, 129, 2000):
+            p = _awkward_values(n + 2 * k, seed=k * 10000 + n)
+            seq = rng.normal(0.0, 1.0, n).astype(np.float32)  # stands for the SEQ values
+            ours = seq.copy()
+            _scalar_spans(p, k, coefs, odd, False, ours)
+            ref = seq.copy()
+            avx_end, xa = (n - k) & ~31, (k + 7) & ~7
+            s0, s1 = (xa, avx_end) if avx_end > (xa + 31) & ~31 else (n - k, n - k)
+            _scalar_133(p, k, coefs, odd, 0, s0, ref)
+            _scalar_133(p, k, coefs, odd, s1, n, ref)
+            assert _same(ours, ref), (k, n)
+            assert not _same(ref, seq) or n <= k + 2, (k, n)  # the spans were redone
 
 
 @pytest.mark.parametrize("odd", [False, True])

@@ -930,12 +930,43 @@ def _scalar_spans(p, k, coefs, odd, unfused, dst):
         s0, s1 = xa, avx_end
     else:
         s0, s1 = n - k, n - k
+    if k <= 2 and not unfused:
+        _spans_133_small(p, k, coefs, odd, s0, s1, dst)
+        return
     for span in range(2):
         lo, hi = (0, s0) if span == 0 else (s1, n)
         if unfused:
             _scalar_14x(p, k, coefs, odd, lo, hi, dst)
         else:
             _scalar_133(p, k, coefs, odd, lo, hi, dst)
+
+
+@_jit
+def _spans_133_small(p, k, coefs, odd, s0, s1, dst):
+    """:func:`_scalar_133` of the spans 0..s0 and s1..n for K = 1 or 2, reading ``p`` directly.
+
+    The same operations for every pixel; but these spans are some twenty pixels, for which the
+    views and vector loops of the general code cost more than the pixels (stage 2 redoes them
+    nine times per row, channel and scale: 4 % of the compute).
+    """
+    n = dst.shape[0]
+    sgn = np.float32(-1.0) if odd else np.float32(1.0)
+    c0, c1 = coefs[0], coefs[1]
+    c2 = coefs[2] if k == 2 else np.float32(0.0)
+    for span in range(2):
+        lo, hi = (0, s0) if span == 0 else (s1, n)
+        if hi <= lo:
+            continue
+        if k == 2 and lo <= 1 < hi:  # the left border's only pixel that differs from SEQ
+            dst[1] = _border_133(p, 1 + k, k, coefs, sgn, True)
+        for x in range(max(lo, k), min(hi, n - k)):
+            j = x + k
+            if k == 1:
+                dst[x] = _fma(p[j], c0, c1 * (p[j + 1] + sgn * p[j - 1]))
+            else:
+                p1 = p[j + 1] + sgn * p[j - 1]
+                p2 = p[j + 2] + sgn * p[j - 2]
+                dst[x] = _fma(p[j], c0, _fma(p1, c1, c2 * p2))
 
 
 @_jit
