@@ -315,40 +315,52 @@ def test_bad_scheduler_file(tmp_path):
     )
 
 
-def test_killed_worker_loses_and_corrupts_nothing(cluster, tmp_path):
-    project = make_project(tmp_path / "p", large_images(3, tiles=5))
-    # small strips, so that each output is written (under a temporary name) for most of its task
-    expected = local_outputs(project, "--mem", "300")
-    workers = cluster.worker_pids()
+def run_and_kill(project: Path, address: str, pick, timeout: float = START_TIMEOUT_S):
+    """``run --mem 300 --dask address`` in a process of its own; while it runs, SIGKILL each
+    process that ``pick(temporary name, pid, pids killed so far)`` chooses among those that
+    write a temporary output. Small strips (``--mem 300``): an output is written under its
+    temporary name for most of its task. Returns (exit code, stdout, stderr, pids killed)."""
     run = subprocess.Popen(
         [sys.executable, "-m", "steinpix", "classify", "ilastik", "run", "--mem", "300"]
-        + ["--dask", cluster.address],
+        + ["--dask", address],
         cwd=project,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     out_dir = project / "ilastik_probabilities"
-    killed = None
+    killed: list[int] = []
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while killed is None and run.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + timeout
+        while run.poll() is None and time.monotonic() < deadline:
             for entry in os.scandir(out_dir) if out_dir.is_dir() else []:
                 match = TEMPORARY.match(entry.name)
-                if match and int(match[1]) in workers:
-                    killed = int(match[1])  # a worker in the middle of writing an output
-                    os.kill(killed, signal.SIGKILL)
-                    break
+                pid = int(match[1]) if match else 0
+                if match and pid not in killed and pick(entry.name, pid, killed):
+                    killed.append(pid)
+                    os.kill(pid, signal.SIGKILL)
             time.sleep(0.01)
         stdout, stderr = run.communicate(timeout=START_TIMEOUT_S)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
-    assert killed is not None, "the batch ended before a worker could be killed mid-task"
-    assert not pid_alive(killed)
-    assert run.returncode == 0, stderr
+    return run.returncode, stdout, stderr, killed
+
+
+def test_killed_worker_loses_and_corrupts_nothing(cluster, tmp_path):
+    project = make_project(tmp_path / "p", large_images(3, tiles=5))
+    expected = local_outputs(project, "--mem", "300")
+    workers = cluster.worker_pids()
+    # one worker, in the middle of writing an output
+    code, stdout, stderr, killed = run_and_kill(
+        project, cluster.address, lambda name, pid, killed: not killed and pid in workers
+    )
+    assert killed, "the batch ended before a worker could be killed mid-task"
+    assert not pid_alive(killed[0])
+    assert code == 0, stderr
     assert len(stdout.splitlines()) == 3 and "[3/3]" in stderr
+    out_dir = project / "ilastik_probabilities"
     assert files(out_dir) == expected  # complete, byte for byte, and no temporary left behind
     cluster.wait_for_workers(2)  # the nanny restarted the killed worker
 
@@ -359,9 +371,8 @@ def test_task_that_keeps_killing_its_worker_fails_alone(tmp_path, monkeypatch):
     # fails with a one-line reason, the others are written, and no temporary is left.
     monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "1")
     project = make_project(tmp_path / "p")
-    doomed = large_images(1, tiles=5)["large_1"]
     with h5py.File(project / "ilastik_img" / "doomed.h5", "w") as h5:
-        h5["img"] = doomed
+        h5["img"] = large_images(1, tiles=5)["large_1"]
     good = [f.stem for f in sorted(REF_IMG.glob("*.h5"))]
     expected = local_outputs(project, "--mem", "300")
     expected.pop("doomed.tiff")
@@ -370,40 +381,24 @@ def test_task_that_keeps_killing_its_worker_fails_alone(tmp_path, monkeypatch):
         for i in (1, 2):
             local.add_worker(f"worker{i}")
         local.wait_for_workers(2)
-        run = subprocess.Popen(
-            [sys.executable, "-m", "steinpix", "classify", "ilastik", "run", "--mem", "300"]
-            + ["--dask", local.address],
-            cwd=project,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        # whichever worker writes the doomed image, every time
+        code, stdout, stderr, killed = run_and_kill(
+            project,
+            local.address,
+            lambda name, pid, killed: name.startswith(".doomed.") and pid_alive(pid),
+            timeout=4 * START_TIMEOUT_S,
         )
-        out_dir = project / "ilastik_probabilities"
-        killed: set[int] = set()
-        try:
-            deadline = time.monotonic() + 4 * START_TIMEOUT_S
-            while run.poll() is None and time.monotonic() < deadline:
-                for entry in os.scandir(out_dir) if out_dir.is_dir() else []:
-                    match = TEMPORARY.match(entry.name)
-                    if match and entry.name.startswith(".doomed.") and pid_alive(int(match[1])):
-                        killed.add(int(match[1]))  # whichever worker writes the doomed image
-                        os.kill(int(match[1]), signal.SIGKILL)
-                time.sleep(0.01)
-            stdout, stderr = run.communicate(timeout=START_TIMEOUT_S)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.wait()
     finally:
         local.close()
     assert len(killed) == 2, (killed, stderr)  # the first try and the one retry allowed
-    assert run.returncode == 1, stderr
+    assert code == 1, stderr
     assert "Traceback" not in stderr
     (error,) = [line for line in stderr.splitlines() if " ERROR " in line]
     assert "doomed.h5: its task ended the worker process several times" in error
     assert "Dask gave up on it" in error
     assert stderr.rstrip().endswith("Error: 1 of 4 images failed: ilastik_img/doomed.h5")
     assert sorted(stdout.splitlines()) == [f"ilastik_probabilities/{g}.tiff" for g in good]
+    out_dir = project / "ilastik_probabilities"
     assert files(out_dir) == expected  # no temporary of the killed workers is left
 
 
