@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,12 @@ from docker_session import pytest_collection_modifyitems, pytest_sessionfinish  
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "imc-mock"
 TEST_DATA = REPO / "tests" / "data"
+# A shell without job control starts background commands with SIGINT ignored, and an ignored
+# signal stays ignored in every child: the Ctrl-C tests' subprocesses would then never see the
+# SIGINT they are sent. Catching it here gives the children the default, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 SHARED = Path(os.environ.get("STEINPIX_SHARED", REPO.parent / "shared"))
 IMC_MOCK = SHARED / "data" / "imc-mock"
 
