@@ -15,6 +15,10 @@ thread; the minimum and median of ``--repeat`` turns over the whole image are pr
 time of this thread (steadier than wall time when other jobs share the machine), with the
 compressed sizes. With ``--compare SRC``, the ``steinpix/lzw.py`` under ``SRC`` is timed too,
 and its output is checked to be byte for byte the same as this version's.
+
+``--data`` replaces the TIFF's strips by as many strips of made-up bytes, for the encoder's hard
+cases: ``zeros`` (strings thousands of bytes long), ``sixteen`` (random bytes below 16: keys that
+differ in few bits) and ``random`` (incompressible: every second byte ends a string).
 """
 
 from __future__ import annotations
@@ -48,12 +52,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tiff", nargs="?", type=Path, default=WORK / "out" / "mosaic_1.tiff")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--data", choices=["tiff", "zeros", "sixteen", "random"], default="tiff",
+                        help="encode the TIFF's strips (default) or made-up ones of the same size")
     parser.add_argument("--compare", type=Path, metavar="SRC",
                         help="also time the encoder in SRC/steinpix/lzw.py")
     args = parser.parse_args()
     probs = tifffile.imread(args.tiff)
     rows = max(1, 256 * 1024 // (probs[0].nbytes))
     strips = [np.ascontiguousarray(probs[y:y + rows]) for y in range(0, probs.shape[0], rows)]
+    rng = np.random.default_rng(0)
+    made_up = {
+        "zeros": lambda s: np.zeros_like(s),
+        "sixteen": lambda s: rng.integers(0, 16, s.shape + (2,), dtype=np.uint8),
+        "random": lambda s: rng.integers(0, 256, s.shape + (2,), dtype=np.uint8),
+    }
+    if args.data != "tiff":
+        strips = [made_up[args.data](s) for s in strips]
     encoders = {"steinpix": lzw_encode}
     if args.compare:
         encoders[f"{args.compare}"] = load_encoder(args.compare)

@@ -162,3 +162,16 @@ def test_real_probabilities_equal_the_reference():
     reference = TEST_DATA / "reference" / "ilastik_probabilities"
     probs = tifffile.imread(sorted(reference.glob("*.tiff"))[1])
     assert_like_reference(probs.tobytes())
+
+
+@pytest.mark.parametrize("kind", ["sixteen byte values", "long runs"])
+def test_inputs_with_few_byte_values_or_long_runs_equal_the_reference(kind):
+    # the hash's hard cases: keys that differ in few bits, and strings that grow to thousands of
+    # bytes of one value (each still found again after the strings around it were added)
+    rng = np.random.default_rng(3)
+    if kind == "sixteen byte values":
+        data = rng.integers(0, 16, 60_000, dtype=np.uint8).tobytes()
+    else:
+        values = rng.integers(0, 4, 200, dtype=np.uint8)
+        data = np.repeat(values, rng.integers(1, 3000, 200)).tobytes()
+    assert_like_reference(data)

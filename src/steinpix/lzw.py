@@ -23,13 +23,19 @@ _CLEAR = 256
 _EOI = 257
 _FIRST = 258
 _LAST = (1 << 12) - 1  # the table is full (and restarts) when the next code would be this
-# Hash table of the strings (prefix code, byte): 2**15 slots of 16 bits, each holding a code
-# (0 = free; at most 4096 codes in use, so a fill factor below 1/8 and few probes). The key of
-# each code is kept in its own array, indexed by the code: a lookup's next step depends only on
-# the slot's load, and the key check that confirms it runs beside it (it is almost always true).
+# Hash table of the strings: 2**15 slots of 16 bits, each holding a code (0 = free; at most 4096
+# codes in use, so a fill factor below 1/8 and few probes). The key (prefix code, byte) of each
+# code is kept in its own array, indexed by the code, and checked beside the next step.
+# The slot is chosen by a hash of the string's bytes, rolled on from byte to byte, not by a
+# hash of (prefix code, byte): the next lookup's address then depends on the input alone, not on
+# the code the last lookup loaded, so lookups along a known string overlap instead of waiting
+# for each other's loads. Multiplying by odd constants keeps short strings apart and long runs
+# of one byte from sharing a slot; the old (prefix ^ byte << 7) hash put every key of an input
+# with bytes below 16 into 4096 slots and probed on and on (60 times slower on such input).
 _HASH_BITS = 15
 _HASH_MASK = (1 << _HASH_BITS) - 1
-_HASH_SHIFT = _HASH_BITS - 8
+_START = 0xD6E8FEB86659FD93  # a one-byte string's hash: (byte + 1) * _START
+_MIX = 0x9E3779B97F4A7C15  # slot = top bits of hash * _MIX
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -61,10 +67,12 @@ def _encode(data, out):
     n = data.shape[0]
     if n:
         prefix = np.int64(data[0])
+        rolled = (np.uint64(prefix) + np.uint64(1)) * np.uint64(_START)
         for i in range(1, n):
             byte = np.int64(data[i])
             key = (prefix << 8) | byte
-            h = (prefix ^ (byte << _HASH_SHIFT)) & _HASH_MASK
+            rolled = ((rolled << np.uint64(5)) + rolled) ^ np.uint64(byte)
+            h = np.int64((rolled * np.uint64(_MIX)) >> np.uint64(64 - _HASH_BITS))
             code = np.int64(table[h])
             while code != 0:
                 if np.int64(key_of[code]) == key:
@@ -76,6 +84,7 @@ def _encode(data, out):
                 table[h] = next_code
                 key_of[next_code] = key
                 prefix = byte
+                rolled = (np.uint64(byte) + np.uint64(1)) * np.uint64(_START)
                 next_code += 1
                 if next_code >= widen_at:
                     if next_code == _LAST:  # table full: start over
