@@ -24,6 +24,7 @@ differ in few bits) and ``random`` (incompressible: every second byte ends a str
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import statistics
 import sys
@@ -40,8 +41,18 @@ WORK = Path(__file__).resolve().parents[1] / "benchmarks" / "work"
 
 
 def load_encoder(src: Path):
-    """``lzw_encode`` of the ``steinpix/lzw.py`` under ``src`` (imported under another name)."""
-    spec = importlib.util.spec_from_file_location("lzw_compared", src / "steinpix" / "lzw.py")
+    """``lzw_encode`` of the ``steinpix/lzw.py`` under ``src``, imported under another name.
+
+    It is imported from a copy under ``benchmarks/work/compared/``: numba caches a kernel beside
+    its file, under the name of the module, so importing ``src``'s own file under another name
+    would leave a cache there that ``src``'s ``steinpix`` cannot load any more.
+    """
+    code = (src / "steinpix" / "lzw.py").read_bytes()
+    copy = WORK / "compared" / hashlib.sha256(code).hexdigest()[:16] / "lzw_compared.py"
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(code)
+    spec = importlib.util.spec_from_file_location("lzw_compared", copy)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # numba's cache finds the module of its kernels by name
     spec.loader.exec_module(module)

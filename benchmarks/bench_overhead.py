@@ -32,16 +32,15 @@ runs alternate, so a change in the machine's load hits all of them.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_lzw import load_encoder  # benchmarks/ is on sys.path
 
 from steinpix import engine
 from steinpix.fused import classify, classify_strips
@@ -91,14 +90,11 @@ def strips_only(img: np.ndarray, classifier, selection, profile: str,
 
 def other_lzw_file(src: Path):
     """``predict_file`` with the LZW encoder of ``src/steinpix/lzw.py`` instead of this one."""
-    spec = importlib.util.spec_from_file_location("lzw_other", src / "steinpix" / "lzw.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # numba's cache finds the module of its kernels by name
-    spec.loader.exec_module(module)
+    encode = load_encoder(src)
 
     def predict_file(*args) -> None:
         own = engine.lzw_encode
-        engine.lzw_encode = module.lzw_encode
+        engine.lzw_encode = encode
         try:
             engine.predict_file(*args)
         finally:
