@@ -19,6 +19,7 @@ from steinpix.features import (
     _scalar_133,
     _scalar_spans,
     _seq_padded,
+    _span_bounds,
     _ypass_row,
     _ypass_rows,
     compute_features,
@@ -654,8 +655,7 @@ def test_small_radius_spans_equal_the_general_scalar_code(odd):
             ours = seq.copy()
             _scalar_spans(p, k, coefs, odd, False, ours)
             ref = seq.copy()
-            avx_end, xa = (n - k) & ~31, (k + 7) & ~7
-            s0, s1 = (xa, avx_end) if avx_end > (xa + 31) & ~31 else (n - k, n - k)
+            s0, s1 = _span_bounds(n, k)
             _scalar_133(p, k, coefs, odd, 0, s0, ref)
             _scalar_133(p, k, coefs, odd, s1, n, ref)
             assert _same(ours, ref), (k, n)

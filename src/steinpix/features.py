@@ -918,18 +918,23 @@ def _xpass_padded(padded, margin, coefs, radius, odd, unfused, dst):
 
 
 @_jit
-def _scalar_spans(p, k, coefs, odd, unfused, dst):
-    """Redo the pixels of a row that fastfilters computes with scalar code (``p`` padded by
-    exactly k); its vector loop covers 8 pixels at a time from an aligned start to an end
-    rounded down to 32."""
-    n = dst.shape[0]
+def _span_bounds(n, k):
+    """``(s0, s1)``: fastfilters computes pixels 0..s0 and s1..n of a row of ``n`` pixels with
+    scalar code for radius ``k``; its vector loop covers 8 pixels at a time from an aligned
+    start to an end rounded down to 32 (none at all on short rows)."""
     avx_end = (n - k) & ~31
     xa = (k + 7) & ~7
-    xa2 = (xa + 31) & ~31
-    if avx_end > xa2:
-        s0, s1 = xa, avx_end
-    else:
-        s0, s1 = n - k, n - k
+    if avx_end > (xa + 31) & ~31:
+        return xa, avx_end
+    return n - k, n - k
+
+
+@_jit
+def _scalar_spans(p, k, coefs, odd, unfused, dst):
+    """Redo the pixels of a row that fastfilters computes with scalar code (``p`` padded by
+    exactly k): the spans of :func:`_span_bounds`."""
+    n = dst.shape[0]
+    s0, s1 = _span_bounds(n, k)
     if k <= 2 and not unfused:
         _spans_133_small(p, k, coefs, odd, s0, s1, dst)
         return
