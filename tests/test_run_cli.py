@@ -15,6 +15,7 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 
+from steinpix._cli import utils
 from steinpix._cli.main import main
 
 from conftest import EXAMPLE, TEST_DATA
@@ -237,22 +238,13 @@ def page_faults(script: str, mode: str) -> int:
     return int(result.stdout)
 
 
-def glibc() -> bool:
-    try:
-        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
-@pytest.mark.skipif(not glibc(), reason="the thresholds are glibc's malloc's")
+@pytest.mark.skipif(not utils.on_glibc(), reason="the thresholds are glibc's malloc's")
 def test_freed_memory_is_reused_not_faulted_in_again():
     faults = {mode: page_faults(FREED_MEMORY, mode) for mode in ("default", "keep")}
     # 16 MiB are 4096 pages: with glibc's defaults the 20 rounds touch fresh pages each time
     assert faults["keep"] < 2 * 4096
     assert faults["default"] > 4 * faults["keep"]
     # in-process callers (here: pytest) keep their own malloc settings
-    from steinpix._cli import utils
-
     assert utils.keep_freed_memory() is False
 
 
@@ -282,8 +274,6 @@ def test_numpy_huge_pages_can_be_turned_off():
     # 64 MiB: 16,384 pages of 4 KiB, or a few dozen of 2 MiB
     assert faults["small"] > 16 * 1024 * 0.9
     assert faults["huge"] < faults["small"] / 4
-    from steinpix._cli import utils
-
     assert utils.numpy_without_huge_pages() is False  # in-process callers keep numpy's
 
 

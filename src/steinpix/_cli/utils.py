@@ -95,6 +95,15 @@ def set_numpy_huge_pages(enabled: bool) -> bool:
     return True
 
 
+def on_glibc() -> bool:
+    """Whether this process's C library is glibc."""
+    try:
+        libc_version = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):  # not glibc, or not a POSIX system
+        return False
+    return bool(libc_version) and libc_version.startswith("glibc")
+
+
 def set_malloc_thresholds() -> bool:
     """Set glibc's mmap and trim thresholds of this process (see :func:`keep_freed_memory`).
 
@@ -103,11 +112,7 @@ def set_malloc_thresholds() -> bool:
     bool
         False where the C library is not glibc or refused a value.
     """
-    try:
-        libc_version = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError, OSError):  # not glibc, or not a POSIX system
-        return False
-    if not libc_version or not libc_version.startswith("glibc"):
+    if not on_glibc():
         return False
     import ctypes
 
