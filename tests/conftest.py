@@ -33,9 +33,24 @@ def imc_mock() -> Path:
     return IMC_MOCK
 
 
+# What examples/imc-mock holds in git. The README's main job writes its outputs beside them
+# (ilastik_img/, ilastik_crops/, ilastik_probabilities/, pixel_classifier.ilp); copies for tests
+# leave those out, or a test would start from an earlier run's results.
+EXAMPLE_INPUTS = ("README.md", "img", "panel.csv", "pretrained.ilp")
+
+
+def copy_example(dst: Path) -> Path:
+    """Copy the inputs of examples/imc-mock (3 images, panel, pretrained project) to ``dst``."""
+    dst.mkdir(parents=True)
+    for name in EXAMPLE_INPUTS:
+        if (EXAMPLE / name).is_dir():
+            shutil.copytree(EXAMPLE / name, dst / name)
+        else:
+            shutil.copy2(EXAMPLE / name, dst / name)
+    return dst
+
+
 @pytest.fixture
 def example_dir(tmp_path: Path) -> Path:
-    """A writable copy of examples/imc-mock (3 images, panel, pretrained project)."""
-    dst = tmp_path / "imc-mock"
-    shutil.copytree(EXAMPLE, dst)
-    return dst
+    """A writable copy of examples/imc-mock's inputs."""
+    return copy_example(tmp_path / "imc-mock")

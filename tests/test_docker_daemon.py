@@ -24,7 +24,7 @@ import pytest
 import tifffile
 from fake_ilastik import FakeIlastik
 
-from conftest import EXAMPLE, TEST_DATA
+from conftest import EXAMPLE, TEST_DATA, copy_example
 from h5tree import describe
 
 docker = pytest.importorskip("docker", reason="the Docker SDK (steinpix[docker]) is needed")
@@ -142,7 +142,7 @@ def docker_run(cli: list[str], image: str, data: Path, user: str, *args: str, na
 def test_slim_image_gives_the_files_of_the_host(images, client, tmp_path):
     host, boxed = tmp_path / "host", tmp_path / "container"
     for folder in (host, boxed):
-        shutil.copytree(EXAMPLE, folder)
+        copy_example(folder)
     uid, gid = OTHER_USER if os.geteuid() == 0 else (os.getuid(), os.getgid())
     chown_tree(boxed, uid, gid)
     prepare = ["classify", "ilastik", "prepare", "--cropsize", "50", "--seed", "1"]
