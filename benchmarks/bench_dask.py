@@ -121,10 +121,12 @@ def _warm_up(ilp: str, img: str, out_dir: str) -> int:
 
 
 def _peak_rss_mib() -> float:
-    """On a worker: the process's peak resident memory (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """On a worker: the process's peak resident memory (VmHWM, in KiB; unlike ``ru_maxrss``,
+    which exec carries over from the process that started this one, it restarts at exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _cpu_seconds() -> float:
