@@ -134,6 +134,40 @@ def reading_tiff(img_file: Path) -> Iterator[None]:
             raise read_error(img_file, e, "not a readable TIFF image", *TIFF_READERS) from e
 
 
+def check_page_chain(tif: tifffile.TiffFile, img_file: Path) -> None:
+    """Raise when the file's chain of pages breaks off: its last readable page points at a
+    further page that is not there (a truncated or damaged file).
+
+    tifffile only logs such a break and returns the pages before it, so a five-channel image
+    cut short would be read as a one-channel image.
+
+    Raises
+    ------
+    SteinpixError
+        Naming ``img_file``.
+    """
+    fmt = tif.tiff
+    n_pages = len(tif.pages)  # reads every page header it can reach
+    if n_pages == 0:
+        return
+    offset = tif.pages[n_pages - 1].offset
+    handle = tif.filehandle
+    handle.seek(offset)
+    count = handle.read(fmt.tagnosize)
+    if len(count) == fmt.tagnosize:
+        (n_tags,) = struct.unpack(fmt.tagnoformat, count)
+        handle.seek(offset + fmt.tagnosize + n_tags * fmt.tagsize)
+        field = handle.read(fmt.offsetsize)
+        if len(field) == fmt.offsetsize:
+            (next_page,) = struct.unpack(fmt.offsetformat, field)
+            if next_page == 0:
+                return
+    raise SteinpixError(
+        f"{img_file}: not a readable TIFF image (truncated or damaged: its list of pages "
+        "breaks off)"
+    )
+
+
 def read_image(img_file: str | os.PathLike) -> np.ndarray:
     """Read a steinbock image in its native dtype.
 
@@ -150,8 +184,9 @@ def read_image(img_file: str | os.PathLike) -> np.ndarray:
         When reading fails for a reason other than the file (a bug in steinpix).
     """
     img_file = Path(img_file)
-    with reading_tiff(img_file):
-        img = tifffile.imread(img_file, squeeze=False)
+    with reading_tiff(img_file), tifffile.TiffFile(img_file) as tif:
+        check_page_chain(tif, img_file)
+        img = tif.asarray(squeeze=False)
     return _to_cyx(img_file, img)
 
 
@@ -174,6 +209,7 @@ def read_image_shape(img_file: str | os.PathLike) -> tuple[int, int, int]:
     :func:`read_image`)."""
     img_file = Path(img_file)
     with reading_tiff(img_file), tifffile.TiffFile(img_file) as tif:
+        check_page_chain(tif, img_file)
         shape = _unsqueezed_shape(tif)
     if shape is None:
         raise SteinpixError(f"{img_file}: not a readable TIFF image (it holds no image)")
@@ -216,6 +252,7 @@ class ImageChannels:
 
     def _layout(self) -> tuple[list | None, tuple[int, int, int]]:
         """The series' pages if page ``i`` is channel ``i`` (else None), and (C, Y, X)."""
+        check_page_chain(self._tif, self.img_file)
         series_shape = _unsqueezed_shape(self._tif)
         if series_shape is None:
             raise SteinpixError(f"{self.img_file}: not a readable TIFF image (it holds no image)")
