@@ -3,11 +3,16 @@ subprocess on copies of the example data, one line naming the right file, nothin
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
+import pytest
 
 from conftest import copy_example
 
@@ -30,6 +35,30 @@ def hidden_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob(".*") if p.is_file()]
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """``folder`` made unwritable: read-only, or immutable for root (who may write anyway)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", folder], capture_output=True).returncode:
+        pytest.skip("root, and no immutable folders here (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", folder], check=True)
+
+
 def test_prepare_reports_a_tiff_cut_short_between_its_pages(tmp_path):
     # cut after the first channel's page: tifffile only logs the broken chain of pages and reads
     # a one-channel image, which must not pass for an image that disagrees with the panel
@@ -48,3 +77,57 @@ def test_prepare_reports_a_tiff_cut_short_between_its_pages(tmp_path):
     with h5py.File(work / "pixel_classifier.ilp", "r") as f:
         assert len(f["Input Data/infos"]) == 2
     assert hidden_files(work) == []
+
+
+def test_prepare_names_the_output_its_folder_refuses(tmp_path):
+    work = copy_example(tmp_path / "data")
+    with unwritable(work / "ilastik_img"):
+        result = steinpix(work, "prepare", "--cropsize", "50")
+    assert result.returncode == 1
+    line = "Error: ilastik_img/20210305_NE_mockData1_001.h5: cannot write it ("
+    assert [e[: len(line)] for e in error_lines(result)] == [line]
+    assert not (work / "pixel_classifier.ilp").exists()
+    assert hidden_files(work) == []
+
+
+def test_prepare_checks_the_project_folder_before_any_image(tmp_path):
+    work = copy_example(tmp_path / "data")
+    with unwritable(work / "out"):
+        result = steinpix(work, "prepare", "--cropsize", "50", "-o", "out/p.ilp")
+    assert result.returncode == 1
+    assert error_lines(result)[0].startswith("Error: out/p.ilp: cannot write it (")
+    assert not (work / "ilastik_img").exists() or not any((work / "ilastik_img").iterdir())
+    assert hidden_files(work) == []
+
+
+def test_run_names_the_output_its_folder_refuses_not_the_image(tmp_path):
+    work = copy_example(tmp_path / "data")
+    assert steinpix(work, "prepare", "--cropsize", "50").returncode == 0
+    before = snapshot(work)
+    with unwritable(work / "ilastik_probabilities"):
+        result = steinpix(work, "run", "--ilp", "pretrained.ilp", "--engine", "builtin")
+    assert result.returncode == 1
+    stem = "20210305_NE_mockData1_001"
+    assert (
+        f"ilastik_img/{stem}.h5: ilastik_probabilities/{stem}.tiff: cannot write it ("
+        in result.stderr
+    )
+    assert snapshot(work) == before
+
+
+def test_fix_names_the_crop_its_folder_refuses(imc_mock, tmp_path):
+    work = tmp_path / "data"
+    shutil.copytree(imc_mock / "pretrained" / "ilastik_crops", work / "ilastik_crops")
+    shutil.copyfile(imc_mock / "pretrained" / "ilastik.ilp", work / "pixel_classifier.ilp")
+    before = snapshot(work)
+    with unwritable(work / "ilastik_crops"):
+        result = steinpix(work, "fix", "--no-backup")
+    assert result.returncode == 1
+    first = sorted((work / "ilastik_crops").iterdir())[0].name
+    [line] = error_lines(result)
+    assert line.startswith(
+        "Error: pixel_classifier.ilp: fix failed, nothing changed "
+        f"(ilastik_crops/{first}: cannot write it ("
+    )
+    assert ".tmp" not in line
+    assert snapshot(work) == before

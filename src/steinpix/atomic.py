@@ -18,15 +18,36 @@ def temporary_sibling(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def create_temporary(path: str | os.PathLike) -> Path:
+    """Create the (empty) temporary file of ``path`` (:func:`temporary_sibling`) and return it.
+
+    Raises
+    ------
+    OSError
+        When the folder cannot be written (no permission, no such folder, a full disk): an
+        ``OSError`` whose ``filename`` is ``path``, not the hidden temporary name that the
+        libraries writing it would report (h5py's errors carry no file name at all).
+    """
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "wb"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write it ({e.strerror or e})", str(path)) from None
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write to; on success, rename it to ``path``.
+    """Yield a temporary path to write to (created empty, see :func:`create_temporary`); on
+    success, rename it to ``path``.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed and
     ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = temporary_sibling(path)
+    tmp = create_temporary(path)
     try:
         yield tmp
         os.replace(tmp, path)

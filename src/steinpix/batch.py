@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steinpix.atomic import remove_stale_temporaries
-from steinpix.errors import SteinpixError, first_line, reading
+from steinpix.errors import SteinpixError, first_line, os_error_text, reading
 from steinpix.outputs import is_finished, output_path
 
 logger = logging.getLogger("steinpix")
@@ -340,6 +340,8 @@ def _failed(img_file: Path, outputs: tuple[Path, ...], error: Exception) -> Imag
     deep inside an HDF5 file, a full disk)."""
     if isinstance(error, SteinpixError):
         return ImageResult(img_file, outputs, str(error))
+    if error.filename and error.strerror and Path(error.filename) != img_file:  # an output's
+        return ImageResult(img_file, outputs, f"{img_file}: {os_error_text(error)}")
     return ImageResult(img_file, outputs, f"{img_file}: {error.strerror or error}")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import tifffile
 
 from steinpix import features, progress, workers
-from steinpix.atomic import atomic_output, temporary_sibling
+from steinpix.atomic import atomic_output, create_temporary
 from steinpix.errors import SteinpixError
 from steinpix.exports import EXPORTS, export_uint16
 from steinpix.features import FeatureSelection, feature_names
@@ -592,7 +592,7 @@ class _TiffSink:
     def __init__(self, path: str | os.PathLike, shape: tuple[int, int, int],
                  dtype: np.dtype | type) -> None:
         self.path = Path(path)
-        self._tmp = temporary_sibling(self.path)
+        self._tmp = create_temporary(self.path)
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         # numba's thread count is per thread: the caller's (``run --threads``) applies

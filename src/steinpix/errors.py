@@ -54,6 +54,13 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def os_error_text(error: OSError) -> str:
+    """``<file>: <problem>`` of an ``OSError`` that names its file, else its first line."""
+    if error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return first_line(error)
+
+
 def _message(error: BaseException) -> str:
     """``<type>: <first line>`` of an exception."""
     text = str(error).strip()

@@ -33,8 +33,8 @@ import h5py
 import numpy as np
 
 from steinpix import images, progress, project
-from steinpix.atomic import temporary_sibling
-from steinpix.errors import SteinpixError, first_line, read_error
+from steinpix.atomic import create_temporary, temporary_sibling
+from steinpix.errors import SteinpixError, first_line, os_error_text, read_error
 
 logger = logging.getLogger(__name__)
 
@@ -1037,6 +1037,9 @@ def fix(
     project_tmp = temporary_sibling(project_file)
     crop_tmps = {crop.path: temporary_sibling(crop.path) for crop in crops if crop.needs_patch}
     try:
+        # created first, so that an unwritable folder is named (not a temporary file in it)
+        for path in [project_file, *crop_tmps]:
+            create_temporary(path)
         shutil.copyfile(project_file, project_tmp)
         patch_project(
             project_tmp, project_file, lanes, matches, crop_transposition, Path(probabilities_dir)
@@ -1055,7 +1058,9 @@ def fix(
         if backup:
             check_backups_absent(project_file, crop_dir)
             # before the patched crops are written into the crop folder
-            result.backups = make_backups(project_file, crop_dir, skip=[project_tmp])
+            result.backups = make_backups(
+                project_file, crop_dir, skip=[project_tmp, *crop_tmps.values()]
+            )
         try:
             _prepare_crops(crops, crop_tmps)
             pairs = [(crop_tmps[path], path) for path in crop_tmps]
@@ -1067,7 +1072,7 @@ def fix(
             raise
     except OSError as e:
         raise SteinpixError(
-            f"{project_file}: fix failed, nothing changed ({first_line(e)})"
+            f"{project_file}: fix failed, nothing changed ({os_error_text(e)})"
         ) from None
     finally:
         remove_paths([project_tmp, *crop_tmps.values()])

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from steinpix import images
+from steinpix.atomic import create_temporary
 from steinpix.errors import SteinpixError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,25 @@ def check_channels(
                 f"{n_panel_channels} channels to keep"
             )
     return errors
+
+
+def ilastik_image_path(img_file: Path, ilastik_img_dir: Path) -> Path:
+    """``<ilastik_img_dir>/<image name>.h5``: steinbock writes every image's ilastik image into
+    one folder, named after the image (``.ome.tiff`` counts as one suffix)."""
+    return images.with_suffix(ilastik_img_dir / img_file.name, ".h5")
+
+
+def check_outputs(img_files: list[Path], ilastik_img_dir: Path, project_file: Path) -> None:
+    """Stop before anything is written when the run could not finish as asked.
+
+    Raises
+    ------
+    OSError
+        When the project's folder cannot be written (naming the project), found now rather
+        than after every image has been prepared.
+    """
+    project_file.parent.mkdir(parents=True, exist_ok=True)
+    create_temporary(project_file).unlink()
 
 
 def iter_prepare(
@@ -121,7 +141,7 @@ def iter_prepare(
             result.error = f"{img_file}: not enough memory to create the ilastik image"
             yield result
             continue
-        ilastik_img_file = images.with_suffix(ilastik_img_dir / img_file.name, ".h5")
+        ilastik_img_file = ilastik_image_path(img_file, ilastik_img_dir)
         _, height, width = aggregated.shape
         shape = (aggregated.shape[0], height * scale_factor, width * scale_factor)
         position = images.draw_crop_position(shape, crop_size, rng)

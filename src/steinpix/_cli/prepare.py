@@ -112,7 +112,7 @@ def prepare_cmd(
 ) -> None:
     # imported here so that `steinpix --help` and the other commands start fast
     from steinpix import images, panel, project
-    from steinpix.prepare import check_channels, iter_prepare
+    from steinpix.prepare import check_channels, check_outputs, iter_prepare
 
     aggr_func = images.aggregation_function(aggr_func_name)
     panel_df = panel.read_panel(panel_file)
@@ -121,6 +121,7 @@ def prepare_cmd(
     if not img_files:
         raise SteinpixError(f"{img_dir}: no *.tiff images found")
     unreadable = check_channels(img_files, len(panel_df), panel_file)
+    check_outputs(img_files, Path(ilastik_img_dir), Path(ilastik_project_file))
     crop_files, crop_shapes, failed = [], [], 0
     prepared = iter_prepare(
         img_files,
