@@ -100,6 +100,21 @@ def test_prepare_checks_the_project_folder_before_any_image(tmp_path):
     assert hidden_files(work) == []
 
 
+def test_prepare_refuses_two_images_that_share_an_output_name(tmp_path):
+    # steinbock overwrites the first one's ilastik image and keeps both crops
+    work = copy_example(tmp_path / "data")
+    (work / "img" / "sub").mkdir()
+    shutil.copy(work / "img" / IMAGE, work / "img" / "sub" / IMAGE)
+    result = steinpix(work, "prepare", "--cropsize", "50")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"Error: img/{IMAGE} and img/sub/{IMAGE} would both be written as "
+        "ilastik_img/20210305_NE_mockData1_002.h5; rename one of them"
+    ]
+    assert not (work / "ilastik_img").exists()
+    assert not (work / "pixel_classifier.ilp").exists()
+
+
 def test_run_names_the_output_its_folder_refuses_not_the_image(tmp_path):
     work = copy_example(tmp_path / "data")
     assert steinpix(work, "prepare", "--cropsize", "50").returncode == 0

@@ -78,10 +78,22 @@ def check_outputs(img_files: list[Path], ilastik_img_dir: Path, project_file: Pa
 
     Raises
     ------
+    SteinpixError
+        When two images (e.g. in different subfolders) would be written as the same ilastik
+        image, whose crops would then describe an image that is gone (steinbock overwrites one
+        silently).
     OSError
         When the project's folder cannot be written (naming the project), found now rather
         than after every image has been prepared.
     """
+    seen: dict[Path, Path] = {}
+    for img_file in img_files:
+        out = ilastik_image_path(img_file, ilastik_img_dir)
+        other = seen.setdefault(out, img_file)
+        if other != img_file:
+            raise SteinpixError(
+                f"{other} and {img_file} would both be written as {out}; rename one of them"
+            )
     project_file.parent.mkdir(parents=True, exist_ok=True)
     create_temporary(project_file).unlink()
 
