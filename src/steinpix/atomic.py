@@ -9,6 +9,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from steinpix import interrupts
+
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 
@@ -47,9 +49,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = create_temporary(path)
+    tmp = temporary_sibling(path)
     try:
+        create_temporary(path)
         yield tmp
+        interrupts.check()  # a Ctrl-C that Python dropped while the file was written
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

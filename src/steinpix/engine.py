@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import tifffile
 
-from steinpix import features, progress, workers
+from steinpix import features, interrupts, progress, workers
 from steinpix.atomic import atomic_output, create_temporary
 from steinpix.errors import SteinpixError
 from steinpix.exports import EXPORTS, export_uint16
@@ -637,6 +637,7 @@ class _TiffSink:
 
     def commit(self) -> None:
         """Rename the finished file into place."""
+        interrupts.check()  # a Ctrl-C that Python dropped while the image was computed
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from steinpix import interrupts
+
 logger = logging.getLogger("steinpix")
 
 # an image gets a bar of its own when it is computed in at least this many strips
@@ -83,7 +85,9 @@ def set_total(total: int) -> None:
 
 
 def advance(n: int = 1) -> None:
-    """Count ``n`` finished items on the open bar (if any)."""
+    """Count ``n`` finished items on the open bar (if any); raise ``KeyboardInterrupt`` for a
+    Ctrl-C that Python dropped (:func:`steinpix.interrupts.check`)."""
+    interrupts.check()
     with _lock:
         if _bars is not None:
             _bars.close_inner()
@@ -92,7 +96,9 @@ def advance(n: int = 1) -> None:
 
 def strip(done: int, total: int) -> None:
     """Report ``done`` of ``total`` strips of the image being computed (a second bar, shown
-    for images of at least :data:`STRIP_BAR_MIN` strips while a bar is open)."""
+    for images of at least :data:`STRIP_BAR_MIN` strips while a bar is open); raise
+    ``KeyboardInterrupt`` for a Ctrl-C that Python dropped."""
+    interrupts.check()
     with _lock:
         if _bars is None or total < STRIP_BAR_MIN:
             return

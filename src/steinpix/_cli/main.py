@@ -6,6 +6,7 @@ import importlib
 
 import click
 
+from steinpix import interrupts
 from steinpix._cli.utils import exit_quickly, in_executable
 
 
@@ -75,6 +76,7 @@ def cli() -> None:
     """The ``steinpix`` executable: :func:`main`, ending quickly where the command allows it
     (:func:`steinpix._cli.utils.exit_quickly`)."""
     in_executable()
+    interrupts.install()
     try:
         main()
     except SystemExit as exc:
