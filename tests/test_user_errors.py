@@ -83,6 +83,17 @@ def test_prepare_reports_a_tiff_cut_short_between_its_pages(tmp_path):
     assert hidden_files(work) == []
 
 
+def test_prepare_refuses_a_negative_seed_as_an_option_error(tmp_path):
+    # numpy's default_rng takes no negative seeds: this was an "internal error in steinpix"
+    work = copy_example(tmp_path / "data")
+    result = steinpix(work, "prepare", "--seed", "-1")
+    assert result.returncode == 2
+    assert "Error: Invalid value for '--seed': -1 is not in the range x>=0." in result.stderr
+    assert "internal error" not in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == sorted(
+        ["README.md", "img", "panel.csv", "pretrained.ilp"]
+    )
+
 def test_prepare_names_the_output_its_folder_refuses(tmp_path):
     work = copy_example(tmp_path / "data")
     with unwritable(work / "ilastik_img"):

@@ -94,7 +94,7 @@ logger = logging.getLogger("steinpix")
     show_default=True,
     help="Path to the Ilastik crop output directory",
 )
-@click.option("--seed", "seed", type=click.INT, help="Random seed")
+@click.option("--seed", "seed", type=click.IntRange(min=0), help="Random seed")
 @verbosity_option
 @one_line_errors
 def prepare_cmd(
