@@ -94,6 +94,22 @@ def test_prepare_refuses_a_negative_seed_as_an_option_error(tmp_path):
         ["README.md", "img", "panel.csv", "pretrained.ilp"]
     )
 
+def test_a_bad_steinbock_img_dtype_is_the_users_error_not_steinpixs(tmp_path, monkeypatch):
+    work = copy_example(tmp_path / "data")
+    for value in ("foo", "U8"):
+        monkeypatch.setenv("STEINBOCK_IMG_DTYPE", value)
+        result = steinpix(work, "prepare", "--cropsize", "50")
+        assert result.returncode == 1
+        assert error_lines(result) == [
+            f"Error: STEINBOCK_IMG_DTYPE={value}: not a numpy integer or floating-point type "
+            "(steinbock's default: float32)"
+        ]
+        assert not (work / "ilastik_img").exists()
+    monkeypatch.setenv("STEINBOCK_IMG_DTYPE", "uint16")  # as steinbock: ilastik images in it
+    assert steinpix(work, "prepare", "--cropsize", "50").returncode == 0
+    with h5py.File(work / "ilastik_img" / "20210305_NE_mockData1_001.h5", "r") as f:
+        assert f["img"].dtype == np.uint16
+
 def test_prepare_names_the_output_its_folder_refuses(tmp_path):
     work = copy_example(tmp_path / "data")
     with unwritable(work / "ilastik_img"):

@@ -21,7 +21,25 @@ import tifffile
 from steinpix.atomic import atomic_output
 from steinpix.errors import SteinpixError, read_error, reading
 
-IMG_DTYPE = np.dtype(os.environ.get("STEINBOCK_IMG_DTYPE", "float32"))
+
+def _img_dtype() -> np.dtype:
+    """steinbock's image data type: ``$STEINBOCK_IMG_DTYPE``, float32 by default."""
+    value = os.environ.get("STEINBOCK_IMG_DTYPE", "float32")
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not (
+        np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+    ):
+        raise SteinpixError(
+            f"STEINBOCK_IMG_DTYPE={value}: not a numpy integer or floating-point type "
+            "(steinbock's default: float32)"
+        )
+    return dtype
+
+
+IMG_DTYPE = _img_dtype()
 
 IMG_DATASET = "img"
 CROP_DATASET = "crop"
