@@ -110,6 +110,29 @@ def test_a_bad_steinbock_img_dtype_is_the_users_error_not_steinpixs(tmp_path, mo
     with h5py.File(work / "ilastik_img" / "20210305_NE_mockData1_001.h5", "r") as f:
         assert f["img"].dtype == np.uint16
 
+def test_prepare_refuses_a_scale_no_memory_could_hold_before_allocating(tmp_path):
+    # --scale 10**9 (a typo) had the upscaling's index arrays take all memory until the kernel
+    # killed the process; the address space is capped here so that a regression fails quickly
+    import resource
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    work = copy_example(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, "-m", "steinpix", "classify", "ilastik", "prepare", "--scale",
+         str(10**9), "--cropsize", "50"],
+        cwd=work, capture_output=True, text=True, timeout=600, preexec_fn=cap_memory,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert (
+        f"img/{IMAGE}: not enough memory to create the ilastik image (one channel upscaled "
+        "1000000000x would take " in result.stderr
+    )
+    assert error_lines(result) == ["Error: 3 of 3 images could not be prepared (see above)"]
+    assert not any((work / "ilastik_img").iterdir())
+
 def test_prepare_names_the_output_its_folder_refuses(tmp_path):
     work = copy_example(tmp_path / "data")
     with unwritable(work / "ilastik_img"):

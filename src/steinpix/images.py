@@ -549,7 +549,26 @@ def check_ilastik_image(ilastik_img: np.ndarray, scale_factor: int) -> None:
     (C', Y, X) or its upscaled dtype cannot be converted to float32."""
     if ilastik_img.ndim != 3 or 0 in ilastik_img.shape:
         raise ValueError(f"the channel groups aggregate to shape {ilastik_img.shape}")
+    _, height, width = ilastik_img.shape
+    itemsize = max(IMG_DTYPE.itemsize, ilastik_img.dtype.itemsize)
+    channel_bytes = height * width * scale_factor**2 * itemsize
+    memory = physical_memory()
+    if memory is not None and channel_bytes > memory:
+        # a typo such as --scale 200000000: say so before the upscaling's index arrays alone
+        # take all the memory (the kernel then kills the process)
+        raise MemoryError(
+            f"one channel upscaled {scale_factor}x would take {channel_bytes / 2**30:.3g} GiB, "
+            f"more than this machine's {memory / 2**30:.3g} GiB"
+        )
     to_dtype(resize_channel(ilastik_img[0, :1, :1], scale_factor), IMG_DTYPE)
+
+
+def physical_memory() -> int | None:
+    """The machine's physical memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def create_ilastik_image(

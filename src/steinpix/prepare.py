@@ -149,8 +149,9 @@ def iter_prepare(
             result.error = str(e)
             yield result
             continue
-        except MemoryError:
-            result.error = f"{img_file}: not enough memory to create the ilastik image"
+        except MemoryError as e:
+            why = f" ({e})" if str(e) else ""
+            result.error = f"{img_file}: not enough memory to create the ilastik image{why}"
             yield result
             continue
         ilastik_img_file = ilastik_image_path(img_file, ilastik_img_dir)
