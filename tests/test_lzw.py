@@ -3,11 +3,16 @@ decoder), for every code width, table resets and the corner cases of the last co
 
 from __future__ import annotations
 
+import inspect
+import re
+import textwrap
+
 import imagecodecs
 import numpy as np
 import pytest
 import tifffile
 
+from steinpix import lzw
 from steinpix.lzw import lzw_encode
 
 from conftest import TEST_DATA
@@ -175,3 +180,52 @@ def test_inputs_with_few_byte_values_or_long_runs_equal_the_reference(kind):
         values = rng.integers(0, 4, 200, dtype=np.uint8)
         data = np.repeat(values, rng.integers(1, 3000, 200)).tobytes()
     assert_like_reference(data)
+
+
+def test_every_length_and_start_of_the_unrolled_loop_equals_the_reference():
+    # the loop runs six copies of its step (one per byte of a pixel of three uint16 channels)
+    # while a byte follows them, then one more copy for the last bytes: end the data after each
+    # copy and start it at each of them, so that every copy sees strings end and start
+    data = probability_like(400, 5) + bytes(range(256)) * 2
+    for start in range(7):
+        for n in list(range(0, 40)) + [1000 + k for k in range(13)]:
+            assert_like_reference(data[start:start + n])
+
+
+def slot(string: bytes) -> int:
+    """The first slot the encoder tries for a string of two or more bytes (its hash)."""
+    mask = (1 << 64) - 1
+    rolled = (string[0] + 1) * lzw._START & mask
+    for byte in string[1:]:
+        rolled = (rolled * 33 & mask) ^ byte
+    return (rolled * lzw._MIX & mask) >> (64 - lzw._HASH_BITS)
+
+
+def test_strings_in_the_same_slot_are_probed_like_the_reference():
+    # strings whose first slots are the same or next to each other: the later ones go to the
+    # following slots, and are found (and found missing) only past the earlier ones
+    by_slot: dict[int, list[bytes]] = {}
+    for a in range(256):
+        for b in range(256):
+            by_slot.setdefault(slot(bytes([a, b])), []).append(bytes([a, b]))
+    crowded = [s for s, strings in by_slot.items() if len(strings) >= 3
+               and (s + 1) % (1 << lzw._HASH_BITS) in by_slot][:20]
+    assert len(crowded) == 20
+    data = b""
+    for s in crowded:
+        strings = by_slot[s][:3] + by_slot[(s + 1) % (1 << lzw._HASH_BITS)][:1]
+        # each string twice (added, then found), each after a byte that ends the one before
+        data += b"".join(string + b"\xff\xfe" for string in strings * 2)
+    assert_like_reference(data)
+    assert_like_reference(data * 30)  # across table restarts: the slots of the old table
+
+
+def test_the_unrolled_copies_of_the_step_are_the_same():
+    # lzw._encode writes its step out once per byte of a pixel (see lzw._UNROLL) and once more
+    # for the last bytes; they must not drift apart
+    source = inspect.getsource(lzw._encode)
+    steps = re.findall(r"\n( +)# (?:step \d of \d.*|the same step, .*)\n"
+                       r"((?:\1.*\n|\n)+?)\1prefix = code", source)
+    assert len(steps) == lzw._UNROLL + 1
+    bodies = {textwrap.dedent(indent + body.replace("\n" + indent, "\n")) for indent, body in steps}
+    assert len(bodies) == 1
