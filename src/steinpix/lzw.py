@@ -49,12 +49,12 @@ _HASH_BITS = 16
 _HASH_MASK = (1 << _HASH_BITS) - 1
 _START = 0xD6E8FEB86659FD93  # a one-byte string's hash: (byte + 1) * _START
 _MIX = 0x9E3779B97F4A7C15  # slot = top bits of hash * _MIX
-# The loop body is written out once per byte of a pixel of three uint16 channels (6 bytes),
-# so the branch predictor sees each byte position of the pixel as a branch of its own (the
+# The step is called once per byte of a pixel of three uint16 channels (6 bytes) in the loop
+# body, so the branch predictor sees each byte position of the pixel as a branch of its own (the
 # strings of a probability image end more often on some positions than on others: 1.07 times
-# as fast as one copy, measured with the previous table). numba's inlining cannot make the
-# copies (a function inlined with the arrays as arguments counts references on every call:
-# 10 times slower), so they are written out; tests/test_lzw.py checks that they are the same.
+# as fast as one call, measured with the previous table). The step is a closure over the
+# arrays, which numba inlines at each call; a function taking the arrays as arguments counts
+# their references on every call (10 times slower, inlined or not).
 _UNROLL = 6
 
 
@@ -116,6 +116,42 @@ def _encode(data, out):
     table = np.zeros(1 << _HASH_BITS, dtype=np.uint16)  # codes; a slot counts while its bit is set
     used = np.zeros(1 << (_HASH_BITS - 6), dtype=np.uint64)  # the bits of the slots in use
     key_of = np.zeros(_LAST, dtype=np.uint32)  # (prefix << 8 | byte) of each code in use
+
+    def step(prefix, byte, rolled, pos, acc, n_acc, next_code, width, widen_at):
+        """One byte: the string ``prefix`` + ``byte`` is known (its code is the new prefix) or
+        new (the prefix is emitted, the string added, and ``byte`` starts the next one)."""
+        key = (prefix << 8) | byte
+        rolled = ((rolled << np.uint64(5)) + rolled) ^ np.uint64(byte)
+        h = np.int64((rolled * np.uint64(_MIX)) >> np.uint64(64 - _HASH_BITS))
+        code = np.int64(table[h])
+        known = False
+        if _likely((used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) != 0):
+            if _likely(np.int64(key_of[code]) == key):
+                known = True
+            else:  # another string in the slot: probe the next ones
+                while True:
+                    h = (h + 1) & _HASH_MASK
+                    if (used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) == 0:
+                        break
+                    code = np.int64(table[h])
+                    if np.int64(key_of[code]) == key:
+                        known = True
+                        break
+        if _unlikely(not known):
+            pos, acc, n_acc = _put(out, pos, acc, n_acc, prefix, width)
+            table[h] = next_code
+            used[h >> 6] |= np.uint64(1) << np.uint64(h & 63)
+            key_of[next_code] = key
+            code = byte
+            rolled = (np.uint64(byte) + np.uint64(1)) * np.uint64(_START)
+            next_code += 1
+            if next_code >= widen_at:
+                if next_code == _LAST:  # table full: start over
+                    pos, acc, n_acc = _put(out, pos, acc, n_acc, _CLEAR, width)
+                    used[:] = 0
+                next_code, width, widen_at = _widen(next_code, width)
+        return code, rolled, pos, acc, n_acc, next_code, width, widen_at
+
     # output position unsigned: numba then indexes without a check for negative positions
     pos, acc, n_acc = _put(out, np.uint64(0), np.uint64(0), 0, _CLEAR, 9)
     width = 9
@@ -130,244 +166,27 @@ def _encode(data, out):
         following = np.int64(data[1]) if n > 1 else 0
         for g in range(0, (n - 2) // _UNROLL):
             i = 1 + _UNROLL * g
-            byte = following
-            following = np.int64(data[i + 1])
-            # step 1 of 6 (the six copies are the same; see _UNROLL)
-            key = (prefix << 8) | byte
-            rolled = ((rolled << np.uint64(5)) + rolled) ^ np.uint64(byte)
-            h = np.int64((rolled * np.uint64(_MIX)) >> np.uint64(64 - _HASH_BITS))
-            code = np.int64(table[h])
-            known = False
-            if _likely((used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) != 0):
-                if _likely(np.int64(key_of[code]) == key):
-                    known = True
-                else:  # another string in the slot: probe the next ones
-                    while True:
-                        h = (h + 1) & _HASH_MASK
-                        if (used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) == 0:
-                            break
-                        code = np.int64(table[h])
-                        if np.int64(key_of[code]) == key:
-                            known = True
-                            break
-            if _unlikely(not known):  # a new string: emit its prefix, add it, start from its byte
-                pos, acc, n_acc = _put(out, pos, acc, n_acc, prefix, width)
-                table[h] = next_code
-                used[h >> 6] |= np.uint64(1) << np.uint64(h & 63)
-                key_of[next_code] = key
-                code = byte
-                rolled = (np.uint64(byte) + np.uint64(1)) * np.uint64(_START)
-                next_code += 1
-                if next_code >= widen_at:
-                    if next_code == _LAST:  # table full: start over
-                        pos, acc, n_acc = _put(out, pos, acc, n_acc, _CLEAR, width)
-                        used[:] = 0
-                    next_code, width, widen_at = _widen(next_code, width)
-            prefix = code
-            byte = following
-            following = np.int64(data[i + 2])
-            # step 2 of 6 (the six copies are the same; see _UNROLL)
-            key = (prefix << 8) | byte
-            rolled = ((rolled << np.uint64(5)) + rolled) ^ np.uint64(byte)
-            h = np.int64((rolled * np.uint64(_MIX)) >> np.uint64(64 - _HASH_BITS))
-            code = np.int64(table[h])
-            known = False
-            if _likely((used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) != 0):
-                if _likely(np.int64(key_of[code]) == key):
-                    known = True
-                else:  # another string in the slot: probe the next ones
-                    while True:
-                        h = (h + 1) & _HASH_MASK
-                        if (used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) == 0:
-                            break
-                        code = np.int64(table[h])
-                        if np.int64(key_of[code]) == key:
-                            known = True
-                            break
-            if _unlikely(not known):  # a new string: emit its prefix, add it, start from its byte
-                pos, acc, n_acc = _put(out, pos, acc, n_acc, prefix, width)
-                table[h] = next_code
-                used[h >> 6] |= np.uint64(1) << np.uint64(h & 63)
-                key_of[next_code] = key
-                code = byte
-                rolled = (np.uint64(byte) + np.uint64(1)) * np.uint64(_START)
-                next_code += 1
-                if next_code >= widen_at:
-                    if next_code == _LAST:  # table full: start over
-                        pos, acc, n_acc = _put(out, pos, acc, n_acc, _CLEAR, width)
-                        used[:] = 0
-                    next_code, width, widen_at = _widen(next_code, width)
-            prefix = code
-            byte = following
-            following = np.int64(data[i + 3])
-            # step 3 of 6 (the six copies are the same; see _UNROLL)
-            key = (prefix << 8) | byte
-            rolled = ((rolled << np.uint64(5)) + rolled) ^ np.uint64(byte)
-            h = np.int64((rolled * np.uint64(_MIX)) >> np.uint64(64 - _HASH_BITS))
-            code = np.int64(table[h])
-            known = False
-            if _likely((used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) != 0):
-                if _likely(np.int64(key_of[code]) == key):
-                    known = True
-                else:  # another string in the slot: probe the next ones
-                    while True:
-                        h = (h + 1) & _HASH_MASK
-                        if (used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) == 0:
-                            break
-                        code = np.int64(table[h])
-                        if np.int64(key_of[code]) == key:
-                            known = True
-                            break
-            if _unlikely(not known):  # a new string: emit its prefix, add it, start from its byte
-                pos, acc, n_acc = _put(out, pos, acc, n_acc, prefix, width)
-                table[h] = next_code
-                used[h >> 6] |= np.uint64(1) << np.uint64(h & 63)
-                key_of[next_code] = key
-                code = byte
-                rolled = (np.uint64(byte) + np.uint64(1)) * np.uint64(_START)
-                next_code += 1
-                if next_code >= widen_at:
-                    if next_code == _LAST:  # table full: start over
-                        pos, acc, n_acc = _put(out, pos, acc, n_acc, _CLEAR, width)
-                        used[:] = 0
-                    next_code, width, widen_at = _widen(next_code, width)
-            prefix = code
-            byte = following
-            following = np.int64(data[i + 4])
-            # step 4 of 6 (the six copies are the same; see _UNROLL)
-            key = (prefix << 8) | byte
-            rolled = ((rolled << np.uint64(5)) + rolled) ^ np.uint64(byte)
-            h = np.int64((rolled * np.uint64(_MIX)) >> np.uint64(64 - _HASH_BITS))
-            code = np.int64(table[h])
-            known = False
-            if _likely((used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) != 0):
-                if _likely(np.int64(key_of[code]) == key):
-                    known = True
-                else:  # another string in the slot: probe the next ones
-                    while True:
-                        h = (h + 1) & _HASH_MASK
-                        if (used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) == 0:
-                            break
-                        code = np.int64(table[h])
-                        if np.int64(key_of[code]) == key:
-                            known = True
-                            break
-            if _unlikely(not known):  # a new string: emit its prefix, add it, start from its byte
-                pos, acc, n_acc = _put(out, pos, acc, n_acc, prefix, width)
-                table[h] = next_code
-                used[h >> 6] |= np.uint64(1) << np.uint64(h & 63)
-                key_of[next_code] = key
-                code = byte
-                rolled = (np.uint64(byte) + np.uint64(1)) * np.uint64(_START)
-                next_code += 1
-                if next_code >= widen_at:
-                    if next_code == _LAST:  # table full: start over
-                        pos, acc, n_acc = _put(out, pos, acc, n_acc, _CLEAR, width)
-                        used[:] = 0
-                    next_code, width, widen_at = _widen(next_code, width)
-            prefix = code
-            byte = following
-            following = np.int64(data[i + 5])
-            # step 5 of 6 (the six copies are the same; see _UNROLL)
-            key = (prefix << 8) | byte
-            rolled = ((rolled << np.uint64(5)) + rolled) ^ np.uint64(byte)
-            h = np.int64((rolled * np.uint64(_MIX)) >> np.uint64(64 - _HASH_BITS))
-            code = np.int64(table[h])
-            known = False
-            if _likely((used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) != 0):
-                if _likely(np.int64(key_of[code]) == key):
-                    known = True
-                else:  # another string in the slot: probe the next ones
-                    while True:
-                        h = (h + 1) & _HASH_MASK
-                        if (used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) == 0:
-                            break
-                        code = np.int64(table[h])
-                        if np.int64(key_of[code]) == key:
-                            known = True
-                            break
-            if _unlikely(not known):  # a new string: emit its prefix, add it, start from its byte
-                pos, acc, n_acc = _put(out, pos, acc, n_acc, prefix, width)
-                table[h] = next_code
-                used[h >> 6] |= np.uint64(1) << np.uint64(h & 63)
-                key_of[next_code] = key
-                code = byte
-                rolled = (np.uint64(byte) + np.uint64(1)) * np.uint64(_START)
-                next_code += 1
-                if next_code >= widen_at:
-                    if next_code == _LAST:  # table full: start over
-                        pos, acc, n_acc = _put(out, pos, acc, n_acc, _CLEAR, width)
-                        used[:] = 0
-                    next_code, width, widen_at = _widen(next_code, width)
-            prefix = code
-            byte = following
-            following = np.int64(data[i + 6])
-            # step 6 of 6 (the six copies are the same; see _UNROLL)
-            key = (prefix << 8) | byte
-            rolled = ((rolled << np.uint64(5)) + rolled) ^ np.uint64(byte)
-            h = np.int64((rolled * np.uint64(_MIX)) >> np.uint64(64 - _HASH_BITS))
-            code = np.int64(table[h])
-            known = False
-            if _likely((used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) != 0):
-                if _likely(np.int64(key_of[code]) == key):
-                    known = True
-                else:  # another string in the slot: probe the next ones
-                    while True:
-                        h = (h + 1) & _HASH_MASK
-                        if (used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) == 0:
-                            break
-                        code = np.int64(table[h])
-                        if np.int64(key_of[code]) == key:
-                            known = True
-                            break
-            if _unlikely(not known):  # a new string: emit its prefix, add it, start from its byte
-                pos, acc, n_acc = _put(out, pos, acc, n_acc, prefix, width)
-                table[h] = next_code
-                used[h >> 6] |= np.uint64(1) << np.uint64(h & 63)
-                key_of[next_code] = key
-                code = byte
-                rolled = (np.uint64(byte) + np.uint64(1)) * np.uint64(_START)
-                next_code += 1
-                if next_code >= widen_at:
-                    if next_code == _LAST:  # table full: start over
-                        pos, acc, n_acc = _put(out, pos, acc, n_acc, _CLEAR, width)
-                        used[:] = 0
-                    next_code, width, widen_at = _widen(next_code, width)
-            prefix = code
-        for i in range(1 + _UNROLL * max((n - 2) // _UNROLL, 0), n):
-            byte = np.int64(data[i])
-            # the same step, for the last bytes
-            key = (prefix << 8) | byte
-            rolled = ((rolled << np.uint64(5)) + rolled) ^ np.uint64(byte)
-            h = np.int64((rolled * np.uint64(_MIX)) >> np.uint64(64 - _HASH_BITS))
-            code = np.int64(table[h])
-            known = False
-            if _likely((used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) != 0):
-                if _likely(np.int64(key_of[code]) == key):
-                    known = True
-                else:  # another string in the slot: probe the next ones
-                    while True:
-                        h = (h + 1) & _HASH_MASK
-                        if (used[h >> 6] >> np.uint64(h & 63)) & np.uint64(1) == 0:
-                            break
-                        code = np.int64(table[h])
-                        if np.int64(key_of[code]) == key:
-                            known = True
-                            break
-            if _unlikely(not known):  # a new string: emit its prefix, add it, start from its byte
-                pos, acc, n_acc = _put(out, pos, acc, n_acc, prefix, width)
-                table[h] = next_code
-                used[h >> 6] |= np.uint64(1) << np.uint64(h & 63)
-                key_of[next_code] = key
-                code = byte
-                rolled = (np.uint64(byte) + np.uint64(1)) * np.uint64(_START)
-                next_code += 1
-                if next_code >= widen_at:
-                    if next_code == _LAST:  # table full: start over
-                        pos, acc, n_acc = _put(out, pos, acc, n_acc, _CLEAR, width)
-                        used[:] = 0
-                    next_code, width, widen_at = _widen(next_code, width)
-            prefix = code
+            byte, following = following, np.int64(data[i + 1])
+            prefix, rolled, pos, acc, n_acc, next_code, width, widen_at = step(
+                prefix, byte, rolled, pos, acc, n_acc, next_code, width, widen_at)
+            byte, following = following, np.int64(data[i + 2])
+            prefix, rolled, pos, acc, n_acc, next_code, width, widen_at = step(
+                prefix, byte, rolled, pos, acc, n_acc, next_code, width, widen_at)
+            byte, following = following, np.int64(data[i + 3])
+            prefix, rolled, pos, acc, n_acc, next_code, width, widen_at = step(
+                prefix, byte, rolled, pos, acc, n_acc, next_code, width, widen_at)
+            byte, following = following, np.int64(data[i + 4])
+            prefix, rolled, pos, acc, n_acc, next_code, width, widen_at = step(
+                prefix, byte, rolled, pos, acc, n_acc, next_code, width, widen_at)
+            byte, following = following, np.int64(data[i + 5])
+            prefix, rolled, pos, acc, n_acc, next_code, width, widen_at = step(
+                prefix, byte, rolled, pos, acc, n_acc, next_code, width, widen_at)
+            byte, following = following, np.int64(data[i + 6])
+            prefix, rolled, pos, acc, n_acc, next_code, width, widen_at = step(
+                prefix, byte, rolled, pos, acc, n_acc, next_code, width, widen_at)
+        for i in range(1 + _UNROLL * max((n - 2) // _UNROLL, 0), n):  # the last bytes
+            prefix, rolled, pos, acc, n_acc, next_code, width, widen_at = step(
+                prefix, np.int64(data[i]), rolled, pos, acc, n_acc, next_code, width, widen_at)
         pos, acc, n_acc = _put(out, pos, acc, n_acc, prefix, width)
         # the decoder adds one more table entry after this code, which may widen EOI
         next_code += 1
