@@ -361,7 +361,7 @@ def test_two_images_with_one_name_are_an_error(workdir):
     result = run("ilastik_img/20210305_NE_mockData1_001.h5", "other/20210305_NE_mockData1_001.h5")
     assert result.exit_code == 1
     assert "would both be written as 20210305_NE_mockData1_001.tiff" in result.output
-    assert not list((workdir / "ilastik_probabilities").iterdir())
+    assert not (workdir / "ilastik_probabilities").exists()  # made, empty: removed
 
 
 IMPORT_NUMBA = """

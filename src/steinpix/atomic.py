@@ -1,4 +1,5 @@
-"""Write files under a temporary name and rename them into place, so nothing is half-written."""
+"""Write files under a temporary name and rename them into place, so nothing is half-written;
+remove the output folders a failed command created and left empty."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 from steinpix import interrupts
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+# the folders make_folder created in the current removing_new_empty_folders() scope, in order
+_created: list[Path] | None = None
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
@@ -93,3 +97,58 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
     return removed
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """``Path(folder).mkdir(parents=True, exist_ok=True)``, recording every folder it creates
+    (``folder`` and missing parents) for :func:`removing_new_empty_folders`.
+
+    A folder that already existed, or that another process created first, is not recorded.
+    """
+    folder = Path(folder)
+    try:
+        os.mkdir(folder)
+    except FileNotFoundError:
+        if folder.parent == folder:
+            raise
+        make_folder(folder.parent)
+        return make_folder(folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        return folder
+    if _created is not None:
+        _created.append(folder.absolute())
+    return folder
+
+
+def forget_new_folders() -> None:
+    """Keep the folders created so far even if the command fails: others (a Dask task that
+    could not be stopped) may still write into them."""
+    if _created is not None:
+        _created.clear()
+
+
+@contextlib.contextmanager
+def removing_new_empty_folders() -> Iterator[None]:
+    """On any exception (including KeyboardInterrupt), remove the folders that
+    :func:`make_folder` created inside this block and that are still empty, deepest first.
+
+    Folders that existed before, and folders holding anything (an output, a hidden temporary
+    being written), stay: ``os.rmdir`` only removes an empty folder. Nested blocks leave the
+    removal to the outermost one.
+    """
+    global _created
+    if _created is not None:
+        yield
+        return
+    _created = created = []
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(created):  # each folder was created after its parents
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        _created = None

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from steinpix.atomic import remove_stale_temporaries
+from steinpix.atomic import make_folder, remove_stale_temporaries
 from steinpix.errors import SteinpixError, first_line, os_error_text, reading
 from steinpix.outputs import is_finished, output_path
 
@@ -270,7 +270,7 @@ def choose_engine(
 def prepare_outputs(job: Job) -> None:
     """Create the output folders and remove the temporaries of killed runs from them."""
     for folder in job.output_dirs():
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         for stale in remove_stale_temporaries(folder):
             logger.info("Removed %s, left by a run that was killed", stale)
 

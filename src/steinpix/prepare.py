@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from steinpix import images
-from steinpix.atomic import create_temporary
+from steinpix.atomic import create_temporary, make_folder
 from steinpix.errors import SteinpixError
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def check_outputs(img_files: list[Path], ilastik_img_dir: Path, project_file: Pa
             raise SteinpixError(
                 f"{other} and {img_file} would both be written as {out}; rename one of them"
             )
-    project_file.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(project_file.parent)
     create_temporary(project_file).unlink()
 
 
@@ -126,8 +126,8 @@ def iter_prepare(
         Per source image, in order; ``error`` is set when the image could not be prepared.
     """
     rng = np.random.default_rng(seed)
-    ilastik_img_dir.mkdir(parents=True, exist_ok=True)
-    crop_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(ilastik_img_dir)
+    make_folder(crop_dir)
     for img_file in img_files:
         result = PreparedImage(img_file)
         if known_errors and img_file in known_errors:

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import tifffile
 
-from steinpix.atomic import atomic_output
+from steinpix.atomic import atomic_output, make_folder
 from steinpix.errors import SteinpixError
 from steinpix.images import CROP_DATASET, IMG_DATASET
 
@@ -601,7 +601,7 @@ def preview_image(
     rgb = color_probabilities(summary.thumbnail, classes.colors)
     gray, _ = channel_thumbnail(channel, size)
     del channel
-    (Path(out_dir) / "images").mkdir(parents=True, exist_ok=True)
+    make_folder(Path(out_dir) / "images")
     write_png(thumbnail_path(out_dir, name, "probabilities"), rgb)
     write_png(thumbnail_path(out_dir, name, "image"), gray)
     if unc is not None:
@@ -659,6 +659,6 @@ def preview_crop(
     gray, limits = channel_thumbnail(channel, size)
     flags = () if limits[1] > limits[0] else ("blank: no contrast in the first channel",)
     if write:
-        (Path(out_dir) / "crops").mkdir(parents=True, exist_ok=True)
+        make_folder(Path(out_dir) / "crops")
         write_png(crop_thumbnail_path(out_dir, crop_file.stem), gray)
     return CropRecord(crop_file.stem, height, width, limits, flags)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steinpix import report
-from steinpix.atomic import remove_stale_temporaries
+from steinpix.atomic import make_folder, remove_stale_temporaries
 from steinpix.errors import SteinpixError
 from steinpix.images import list_h5_files
 from steinpix.preview import (
@@ -114,8 +114,7 @@ def preview_images(
     names = sorted(probs.keys() | images.keys())
     if not names:
         raise SteinpixError(f"{prob_dir}: no *.tiff probabilities to preview")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "images").mkdir(exist_ok=True)
+    make_folder(out_dir / "images")
     for folder in (out_dir, out_dir / "images"):
         for stale in remove_stale_temporaries(folder):
             logger.info("Removed %s, left by a preview that was killed", stale)
@@ -229,7 +228,7 @@ def preview_crops(crop_dir: Path, out_dir: Path, size: int, overwrite: bool) -> 
     crop_files = list_h5_files(crop_dir)
     if not crop_files:
         raise SteinpixError(f"{crop_dir}: no *.h5 crops to preview")
-    (out_dir / "crops").mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir / "crops")
     for folder in (out_dir, out_dir / "crops"):
         for stale in remove_stale_temporaries(folder):
             logger.info("Removed %s, left by a preview that was killed", stale)

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from steinpix.atomic import atomic_output
+from steinpix.atomic import atomic_output, make_folder
 from steinpix.errors import SteinpixError
 from steinpix.images import AXISTAGS, CROP_DATASET, DISPLAY_MODE, H5_LIBVER
 
@@ -276,7 +276,7 @@ def create_project(
     project_file = Path(project_file)
     project_dir = project_file.parent
     dataset_id = str(uuid.uuid1())
-    project_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(project_dir)
     with atomic_output(project_file) as tmp, h5py.File(tmp, "w", libver=H5_LIBVER) as f:
         features = f.create_group("FeatureSelections")
         if preselect_features:

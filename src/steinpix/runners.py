@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
+from steinpix.atomic import make_folder
 from steinpix.errors import SteinpixError, first_line
 from steinpix.outputs import output_name
 
@@ -494,7 +495,7 @@ def run_chunks(
     check_unique_stems(img_files)
     out_dir = Path(out_dir)
     for folder in (out_dir, *(exports or {}).values()):
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
     failed: list[Path] = []
     for i, files in enumerate(groups, start=1):
         failed += classify_chunk(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import click
 
+from steinpix.atomic import removing_new_empty_folders
 from steinpix.errors import InternalError, SteinpixError, first_line
 
 logger = logging.getLogger("steinpix")
@@ -270,13 +271,15 @@ def one_line_errors(func: Callable) -> Callable:
     :class:`SteinpixError` (the user's input) exits with its exit code; an :class:`OSError` (a
     folder that cannot be written, a full disk) names its file; anything else is a bug in
     steinpix and says so (``internal error in steinpix ... (please report)``), or shows its
-    full traceback with ``-v DEBUG``.
+    full traceback with ``-v DEBUG``. A command that fails (or is interrupted) removes the
+    folders it created that are still empty (:func:`steinpix.atomic.removing_new_empty_folders`).
     """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with removing_new_empty_folders():
+                return func(*args, **kwargs)
         except SteinpixError as e:
             err = click.ClickException(str(e))
             err.exit_code = e.exit_code
