@@ -496,3 +496,50 @@ def test_dask_imported_only_for_dask_and_missing_dask_is_one_line(tmp_path):
     assert result.stderr.decode().splitlines() == [
         "Error: --dask needs Dask's distributed package: pip install 'steinpix[dask]'"
     ]
+
+
+def steinpix_run(folder: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "steinpix", "classify", "ilastik", "run", *args],
+        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_a_batch_whose_every_image_fails_leaves_no_empty_folders(cluster, tmp_path):
+    project = make_project(tmp_path / "p")
+    for bad in (project / "ilastik_img").iterdir():
+        bad.write_bytes(b"not an HDF5 file")
+    run = steinpix_run(project, "--dask", cluster.address, "--uncertainty", "unc/new")
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1
+    assert stderr.splitlines()[-1].startswith("Error: 3 of 3 images failed: ")
+    # every task had finished: nothing can write into the folders this command created
+    assert sorted(p.name for p in project.iterdir()) == ["ilastik_img", "pixel_classifier.ilp"]
+
+
+def test_ctrl_c_keeps_the_empty_folders_a_running_task_writes_into(cluster, tmp_path):
+    # Dask cannot stop a task that is running: its outputs come after the command has ended,
+    # so the folders the command created stay even when they are still empty
+    project = make_project(tmp_path / "p")
+    fake = FakeIlastik(tmp_path / "ilastik").configure(slow_on=["20210305_NE_mockData1_001"])
+    run = steinpix_run(
+        project, "--dask", cluster.address, "--engine", "ilastik", "--ilastik", str(fake.path),
+        "--uncertainty", "unc", "ilastik_img/20210305_NE_mockData1_001.h5",
+    )
+    try:
+        fake.wait_for("started", timeout=120)  # the probabilities; the uncertainty comes next
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=60)
+        assert run.returncode == 1 and "Cancelling 1 Dask tasks" in stderr, stderr
+        assert (project / "unc").is_dir()
+        assert (project / "ilastik_probabilities").is_dir()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for call in fake.calls():  # the task ends (ilastik failed) and frees its worker
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(call["pid"], signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while any(pid_alive(c["pid"]) for c in fake.calls()) and time.monotonic() < deadline:
+            time.sleep(0.05)

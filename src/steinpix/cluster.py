@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from steinpix import batch
+from steinpix import atomic, batch
 from steinpix.errors import InternalError, SteinpixError, first_line
 
 logger = logging.getLogger("steinpix")
@@ -200,7 +200,8 @@ def dask_executor(client: Any) -> batch.Executor:
     worker dies is rerun by Dask on another worker (its output is written under a temporary
     name until complete, so nothing half-written is left). Problems of the whole batch
     (a worker that cannot see the files, ilastik that cannot start) cancel the remaining tasks
-    and are raised; Ctrl-C cancels them too (tasks already running finish their image).
+    and are raised; Ctrl-C cancels them too (tasks already running finish their image, so the
+    output folders stay even if empty: :func:`steinpix.atomic.forget_new_folders`).
     """
     distributed = import_distributed()
 
@@ -209,13 +210,13 @@ def dask_executor(client: Any) -> batch.Executor:
         remote_tasks = [batch.Task(tuple(f.resolve() for f in t.files), t.label) for t in tasks]
         run_id = uuid.uuid4().hex[:8]
         futures = {}
-        for i, (task, remote) in enumerate(zip(tasks, remote_tasks, strict=True)):
-            key = f"steinpix-{task.files[0].stem}-{i}-{run_id}"
-            future = client.submit(classify_on_worker, remote_job, remote, key=key, pure=False)
-            futures[future] = task
-        if not client.scheduler_info().get("workers"):
-            logger.warning("Dask: the scheduler has no workers yet; waiting for some")
-        try:
+        try:  # a Ctrl-C while tasks are submitted cancels those submitted already
+            for i, (task, remote) in enumerate(zip(tasks, remote_tasks, strict=True)):
+                key = f"steinpix-{task.files[0].stem}-{i}-{run_id}"
+                future = client.submit(classify_on_worker, remote_job, remote, key=key, pure=False)
+                futures[future] = task
+            if not client.scheduler_info().get("workers"):
+                logger.warning("Dask: the scheduler has no workers yet; waiting for some")
             for future in distributed.as_completed(list(futures), loop=client.loop):
                 task = futures[future]
                 if future.status == "finished":
@@ -246,6 +247,8 @@ def dask_executor(client: Any) -> batch.Executor:
             unfinished = [f for f in futures if not f.done()]
             if unfinished:
                 logger.warning("Cancelling %d Dask tasks", len(unfinished))
+                # a task already running is not stopped: its output folders must stay
+                atomic.forget_new_folders()
                 with contextlib.suppress(Exception):  # the scheduler may be gone already
                     client.cancel(unfinished)
 
