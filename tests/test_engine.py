@@ -16,12 +16,11 @@ import tifffile
 from steinpix import engine
 from steinpix.errors import SteinpixError
 
-from conftest import EXAMPLE, TEST_DATA
+from conftest import EXAMPLE, SHARED, TEST_DATA
 
 PROJECT = EXAMPLE / "pretrained.ilp"
 REFERENCE = TEST_DATA / "reference"
 IN_REPO_IMAGES = sorted((REFERENCE / "ilastik_img").glob("*.h5"))
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_REFERENCE = SHARED / "data" / "imc-mock" / "reference"
 
 
