@@ -122,7 +122,9 @@ def _warm_up(ilp: str, img: str, out_dir: str) -> int:
 
 def _peak_rss_mib() -> float:
     """On a worker: the process's peak resident memory (VmHWM, in KiB; unlike ``ru_maxrss``,
-    which exec carries over from the process that started this one, it restarts at exec)."""
+    which exec carries over from the process that started this one, it restarts at exec).
+    Not ``bench_preview.peak_rss_mib``: a function of this script reaches the workers by value,
+    one imported from another script by name, which they cannot import."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024

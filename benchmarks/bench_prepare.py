@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_preview import peak_rss_mib  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work" / "prepare"
@@ -96,14 +97,6 @@ def run_once(cmd: list[str], cwd: Path) -> tuple[float, int, float]:
     return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss: KiB
 
 
-def own_peak_mib() -> float:
-    """This process's peak resident set (VmHWM), which its children's ``ru_maxrss`` start at."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def compare_outputs(a: Path, b: Path) -> dict:
     """Dataset by dataset: identical bytes, or how many values differ and by how many ulp."""
     import h5py
@@ -149,7 +142,7 @@ def main() -> None:
     # a process of its own: built here, its 650 MiB would be every tool's "peak".
     subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work)], check=True)
     work = args.work
-    floor = own_peak_mib()
+    floor = peak_rss_mib()
     args_common = ["classify", "ilastik", "prepare", "--seed", "1"]
     tools = {"steinpix": [args.steinpix, *args_common]}
     if args.steinbock:

@@ -102,12 +102,12 @@ def child(side: int) -> None:
 
     import steinpix.preview  # noqa: F401
 
-    base = _peak_rss_mib()
+    base = peak_rss_mib()
     seconds = run_once(paths, WORK / "out", uncertainty=True)[0]
-    print(json.dumps({"seconds": seconds, "rss_before_mib": base, "rss_peak_mib": _peak_rss_mib()}))
+    print(json.dumps({"seconds": seconds, "rss_before_mib": base, "rss_peak_mib": peak_rss_mib()}))
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
     """This process's peak resident set (VmHWM; unlike ru_maxrss it restarts at exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
