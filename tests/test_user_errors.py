@@ -110,6 +110,24 @@ def test_a_bad_steinbock_img_dtype_is_the_users_error_not_steinpixs(tmp_path, mo
     with h5py.File(work / "ilastik_img" / "20210305_NE_mockData1_001.h5", "r") as f:
         assert f["img"].dtype == np.uint16
 
+def test_a_bad_steinbock_img_dtype_stops_fix_but_not_run(tmp_path, monkeypatch):
+    # fix writes crops in $STEINBOCK_IMG_DTYPE, run writes no steinbock image
+    work = copy_example(tmp_path / "data")
+    assert steinpix(work, "prepare", "--cropsize", "50").returncode == 0
+    before = snapshot(work)
+    monkeypatch.setenv("STEINBOCK_IMG_DTYPE", "foo")
+    result = steinpix(work, "fix", "--ilp", "pixel_classifier.ilp")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        "Error: STEINBOCK_IMG_DTYPE=foo: not a numpy integer or floating-point type "
+        "(steinbock's default: float32)"
+    ]
+    assert snapshot(work) == before
+    result = steinpix(work, "run", "--ilp", "pretrained.ilp")
+    assert result.returncode == 0, result.stderr
+    assert len(list((work / "ilastik_probabilities").glob("*.tiff"))) == 3
+
+
 def test_prepare_refuses_a_scale_no_memory_could_hold_before_allocating(tmp_path):
     # --scale 10**9 (a typo) had the upscaling's index arrays take all memory until the kernel
     # killed the process; the address space is capped here so that a regression fails quickly

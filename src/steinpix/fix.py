@@ -1029,6 +1029,7 @@ def fix(
     """
     project_file, crop_dir = Path(project_file), Path(crop_dir)
     axes = parse_axis_order(axis_order) if axis_order else None
+    images.img_dtype()  # the crops are written in it: a bad $STEINBOCK_IMG_DTYPE stops now
     lanes = read_lanes(project_file)
     crops = plan_crops(crop_dir, axes)
     crop_transposition = common_transposition(crops)

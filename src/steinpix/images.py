@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,9 +23,22 @@ from steinpix.atomic import atomic_output
 from steinpix.errors import SteinpixError, read_error, reading
 
 
-def _img_dtype() -> np.dtype:
-    """steinbock's image data type: ``$STEINBOCK_IMG_DTYPE``, float32 by default."""
-    value = os.environ.get("STEINBOCK_IMG_DTYPE", "float32")
+def img_dtype() -> np.dtype:
+    """steinbock's image data type: ``$STEINBOCK_IMG_DTYPE``, float32 by default.
+
+    Read when images are written, not when steinpix is imported: a command that writes none
+    (``run``, ``apps``) does not stop on a value it does not use.
+
+    Raises
+    ------
+    SteinpixError
+        When the value is not a numpy integer or floating-point type.
+    """
+    return _checked_dtype(os.environ.get("STEINBOCK_IMG_DTYPE", "float32"))
+
+
+@functools.cache
+def _checked_dtype(value: str) -> np.dtype:
     try:
         dtype = np.dtype(value)
     except TypeError:
@@ -38,8 +52,6 @@ def _img_dtype() -> np.dtype:
         )
     return dtype
 
-
-IMG_DTYPE = _img_dtype()
 
 IMG_DATASET = "img"
 CROP_DATASET = "crop"
@@ -77,9 +89,10 @@ def with_suffix(path: str | os.PathLike, suffix: str) -> Path:
     return path.with_suffix(suffix)
 
 
-def to_dtype(src: np.ndarray, dst_dtype: np.dtype = IMG_DTYPE) -> np.ndarray:
-    """Convert like steinbock: round floats going to integers, clip to the target's range."""
-    dst_dtype = np.dtype(dst_dtype)
+def to_dtype(src: np.ndarray, dst_dtype: np.dtype | None = None) -> np.ndarray:
+    """Convert like steinbock: round floats going to integers, clip to the target's range
+    (``dst_dtype``: :func:`img_dtype` by default)."""
+    dst_dtype = img_dtype() if dst_dtype is None else np.dtype(dst_dtype)
     if src.dtype == dst_dtype:
         return src
     src_is_int = np.issubdtype(src.dtype, np.integer)
@@ -550,7 +563,7 @@ def check_ilastik_image(ilastik_img: np.ndarray, scale_factor: int) -> None:
     if ilastik_img.ndim != 3 or 0 in ilastik_img.shape:
         raise ValueError(f"the channel groups aggregate to shape {ilastik_img.shape}")
     _, height, width = ilastik_img.shape
-    itemsize = max(IMG_DTYPE.itemsize, ilastik_img.dtype.itemsize)
+    itemsize = max(img_dtype().itemsize, ilastik_img.dtype.itemsize)
     channel_bytes = height * width * scale_factor**2 * itemsize
     memory = physical_memory()
     if memory is not None and channel_bytes > memory:
@@ -560,7 +573,7 @@ def check_ilastik_image(ilastik_img: np.ndarray, scale_factor: int) -> None:
             f"one channel upscaled {scale_factor}x would take {channel_bytes / 2**30:.3g} GiB, "
             f"more than this machine's {memory / 2**30:.3g} GiB"
         )
-    to_dtype(resize_channel(ilastik_img[0, :1, :1], scale_factor), IMG_DTYPE)
+    to_dtype(resize_channel(ilastik_img[0, :1, :1], scale_factor))
 
 
 def physical_memory() -> int | None:
@@ -603,7 +616,7 @@ def create_ilastik_image(
     )
     if scale_factor > 1:
         ilastik_img = resize_linear(ilastik_img, scale_factor)
-    return to_dtype(ilastik_img, IMG_DTYPE)
+    return to_dtype(ilastik_img)
 
 
 def draw_crop_position(
@@ -644,7 +657,7 @@ def steinbock_h5_dataset(
     renamed into place when the block ends without an exception.
     """
     with atomic_output(Path(h5_file)) as tmp, h5py.File(tmp, "w", libver=H5_LIBVER) as f:
-        ds = f.create_dataset(dataset, shape=shape, dtype=IMG_DTYPE)
+        ds = f.create_dataset(dataset, shape=shape, dtype=img_dtype())
         yield ds
         ds.attrs["display_mode"] = DISPLAY_MODE.encode("ascii")
         ds.attrs["axistags"] = AXISTAGS.encode("ascii")
@@ -654,7 +667,7 @@ def steinbock_h5_dataset(
 def write_steinbock_h5(img: np.ndarray, h5_file: str | os.PathLike, dataset: str) -> Path:
     """Write a CYX image as steinbock does (``img`` for images, ``crop`` for crops), atomically
     (see :func:`steinbock_h5_dataset`)."""
-    img = to_dtype(img, IMG_DTYPE)
+    img = to_dtype(img)
     with steinbock_h5_dataset(h5_file, dataset, img.shape) as ds:
         ds[...] = img
     return Path(h5_file)
@@ -686,10 +699,10 @@ def write_ilastik_image(
     """
     n, height, width = ilastik_img.shape
     shape = (n, height * scale_factor, width * scale_factor)
-    crop_img = None if crop is None else np.empty((n, crop[2], crop[2]), dtype=IMG_DTYPE)
+    crop_img = None if crop is None else np.empty((n, crop[2], crop[2]), dtype=img_dtype())
 
     def upscale(c: int) -> np.ndarray:
-        return to_dtype(resize_channel(ilastik_img[c], scale_factor), IMG_DTYPE)
+        return to_dtype(resize_channel(ilastik_img[c], scale_factor))
 
     # numpy releases the GIL in its loops: upscale the next channel(s) on another core while
     # this thread writes; at most ``workers`` upscaled channels wait, so memory stays bounded

@@ -82,10 +82,12 @@ def check_outputs(img_files: list[Path], ilastik_img_dir: Path, project_file: Pa
         When two images (e.g. in different subfolders) would be written as the same ilastik
         image, whose crops would then describe an image that is gone (steinbock overwrites one
         silently).
+        Also when ``$STEINBOCK_IMG_DTYPE`` is not a numeric type (:func:`images.img_dtype`).
     OSError
         When the project's folder cannot be written (naming the project), found now rather
         than after every image has been prepared.
     """
+    images.img_dtype()
     seen: dict[Path, Path] = {}
     for img_file in img_files:
         out = ilastik_image_path(img_file, ilastik_img_dir)
